@@ -1,0 +1,9 @@
+# aihpc: preprocess -> train -> [compress] -> evaluate -> summary/report.
+# The rules live in workflow/rules/; the logic in the aihpc package.
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"

@@ -1,0 +1,123 @@
+"""Typed view of the validated workflow config; the one place that reads config YAML.
+
+The schema (workflow/schemas/config.schema.yaml) is the single source of field names,
+constraints and defaults: Snakemake validates with it in common.smk, and ``load_config``
+validates with the same function for callers outside Snakemake.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aihpc.errors import InputError
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(InputError):
+    """A config that violates the schema; the message names the file and the field."""
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate ``config`` in place against the schema, filling defaults; return it."""
+    import jsonschema
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(SCHEMA), set_default=True)
+    except Exception as exc:
+        cause = next((a for a in exc.args if isinstance(a, jsonschema.ValidationError)), None)
+        if cause is None:
+            raise
+        where = ".".join(str(p) for p in cause.absolute_path) or "(top level)"
+        raise ConfigError(f"{source}: field '{where}': {cause.message}") from None
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate_config(config, str(path))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    format: str
+    root: str
+    train_file: str | None = None
+    test_file: str | None = None
+    class_names: list[str] | None = None
+    val_fraction: float = 0.05
+    seed: int = 0
+    verify_checksums: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.25
+    label_smoothing: float = 0.1
+    crop_padding: int = 2
+    hflip: bool = True
+    seed: int = 0
+    accelerator: str = "auto"
+    precision: str = "auto"
+    limit_train_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model of the sweep: its variant name, architecture and effective train settings."""
+
+    name: str
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    threads: int = 1
+    warmup: int = 3
+    repeats: int = 10
+    latency_batch_sizes: tuple[int, ...] = (1, 256)
+
+
+def data_config(config: dict[str, Any]) -> DataConfig:
+    return DataConfig(**config["data"])
+
+
+def model_config(config: dict[str, Any], name: str) -> ModelConfig:
+    """The model ``name`` with the top-level train settings overridden by its own."""
+    if name not in config["models"]:
+        raise ConfigError(f"unknown model variant '{name}'; configured: {sorted(config['models'])}")
+    entry = copy.deepcopy(config["models"][name])
+    train = {**config.get("train", {}), **entry.get("train", {})}
+    return ModelConfig(
+        name=name, arch=entry["arch"], kwargs=entry.get("kwargs", {}), train=TrainConfig(**train)
+    )
+
+
+def evaluate_config(config: dict[str, Any]) -> EvaluateConfig:
+    settings = dict(config.get("evaluate", {}))
+    if "latency_batch_sizes" in settings:
+        settings["latency_batch_sizes"] = tuple(settings["latency_batch_sizes"])
+    return EvaluateConfig(**settings)

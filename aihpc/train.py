@@ -1,0 +1,288 @@
+"""Training, top to bottom: in-memory data, augmentation, the LightningModule, and ``fit``.
+
+The whole preprocessed array lives in memory (on the GPU when training there) and batches
+are sliced from it, so data loading never bounds a small model's step time. ``fit`` is the
+one entry point: the Snakemake rule calls it once, the Dask launcher once per rank.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.environments import ClusterEnvironment
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from aihpc.config import ModelConfig, TrainConfig
+from aihpc.data import load_split, read_stats
+from aihpc.files import atomic_path
+from aihpc.models import build_model, model_spec, save_artifact
+from aihpc.provenance import config_hash, package_versions
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    data_dir: Path  # preprocessed arrays + stats.json
+    model_out: Path  # the model artifact
+    metrics_out: Path  # per-epoch curves (CSVLogger's metrics.csv)
+    work_dir: Path  # resumable checkpoints and raw logs, outside the declared outputs
+
+
+class InMemoryImages(Dataset[Batch]):
+    """Images (N, C, H, W uint8) and labels held as tensors; a list of indices gives a batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        # DataLoader hands the whole batch of indices here: one slice instead of B lookups.
+        index = torch.as_tensor(indices, device=self.labels.device)
+        return self.images[index], self.labels[index]
+
+
+def _batch_as_is(batch: Batch) -> Batch:
+    """collate_fn: ``__getitems__`` already returns a batch."""
+    return batch
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    def __init__(self, data_dir: Path, batch_size: int, seed: int, eval_batch_size: int = 1000):
+        super().__init__()
+        self.data_dir, self.batch_size, self.seed = Path(data_dir), batch_size, seed
+        self.eval_batch_size = eval_batch_size
+        self.splits: dict[str, InMemoryImages] = {}
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        for split in ("train", "val"):
+            images, labels = load_split(self.data_dir, split, mmap=False)
+            self.splits[split] = InMemoryImages(
+                torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+                torch.from_numpy(labels).to(device),
+            )
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader[Batch]:
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=_batch_as_is,
+        )
+
+    def train_dataloader(self) -> DataLoader[Batch]:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Batch]:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor:
+    """Per-image random translation (zero padding) and horizontal flip, as batch tensor ops."""
+    n, c, h, w = x.shape
+    if padding:
+        padded = F.pad(x, (padding,) * 4)
+        shift = torch.randint(0, 2 * padding + 1, (2, n, 1, 1), device=x.device)
+        rows = shift[0] + torch.arange(h, device=x.device).view(1, h, 1)
+        cols = shift[1] + torch.arange(w, device=x.device).view(1, 1, w)
+        flat_index = (rows * (w + 2 * padding) + cols).view(n, 1, h * w).expand(n, c, h * w)
+        x = padded.flatten(2).gather(2, flat_index).view(n, c, h, w)
+    if hflip:
+        flip = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+class ImageClassifier(pl.LightningModule):
+    def __init__(self, spec: dict[str, Any], train: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = TrainConfig(**train)
+        # channels_last: the oneDNN (CPU) and cuDNN conv kernels are fastest in NHWC.
+        self.model = build_model(spec).to(memory_format=torch.channels_last)
+        self.val_acc = MulticlassAccuracy(num_classes=spec["num_classes"], average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        images, labels = batch
+        x = images.float().div_(255)
+        if self.trainer.training:
+            x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.hflip)
+        return x.contiguous(memory_format=torch.channels_last), labels
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.cfg.label_smoothing)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def on_train_epoch_start(self) -> None:
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.cfg
+        # No weight decay on BatchNorm parameters and biases.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = int(cfg.warmup_fraction * total_steps)
+        if cfg.schedule == "onecycle":
+            scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=cfg.lr,
+                total_steps=total_steps,
+                pct_start=max(warmup_steps, 1) / total_steps,
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * min(progress, 1.0))).item())
+
+
+def resolve_accelerator(cfg: TrainConfig) -> tuple[str, str]:
+    """(accelerator, precision) with ``auto`` resolved against the hardware present."""
+    accelerator = cfg.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("train.accelerator is 'gpu' but torch sees no CUDA device")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    return accelerator, precision
+
+
+def fit(
+    paths: TrainPaths,
+    model_cfg: ModelConfig,
+    *,
+    threads: int | None = None,
+    env: ClusterEnvironment | None = None,
+    strategy: Any = "auto",
+    num_nodes: int = 1,
+) -> dict[str, Any]:
+    """Train ``model_cfg`` on the arrays in ``paths.data_dir``; write the artifact and curves.
+
+    Resumes from the last checkpoint of an interrupted run with the same config. ``env``,
+    ``strategy`` and ``num_nodes`` let a launcher run this as one rank of a DDP job; only
+    global rank 0 writes outputs. Returns the run record (also stored in the artifact).
+    """
+    cfg = model_cfg.train
+    stats = read_stats(paths.data_dir)
+    run_hash = config_hash({"model": model_cfg.as_dict(), "data_sha256": stats["data_sha256"]})
+    if threads:
+        torch.set_num_threads(threads)
+    accelerator, precision = resolve_accelerator(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    spec = model_spec(model_cfg.arch, stats, **model_cfg.kwargs)
+    module = ImageClassifier(spec, asdict(cfg))
+    datamodule = ArrayDataModule(paths.data_dir, cfg.batch_size, seed=cfg.seed)
+    has_val = stats["counts"]["val"] > 0
+    # Checkpoints live under the config hash so a changed config never resumes a stale run.
+    checkpoint_dir = Path(paths.work_dir) / run_hash / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="best",
+        monitor="val_acc" if has_val else None,
+        mode="max",
+        save_last=True,
+    )
+    logger = CSVLogger(Path(paths.work_dir) / run_hash, name="logs", version=0)
+    trainer = pl.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=accelerator,
+        devices=1,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        plugins=[env] if env is not None else None,
+        precision=precision,
+        # Deterministic kernels exist for everything used here on CPU; several CUDA
+        # backward kernels (max-pooling) have none, so on GPU only warn.
+        deterministic=True if accelerator == "cpu" else "warn",
+        callbacks=[checkpoint],
+        logger=logger,
+        limit_train_batches=cfg.limit_train_batches or 1.0,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
+    last = checkpoint_dir / "last.ckpt"
+    resume_from = last if last.exists() else None
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    train_seconds = time.perf_counter() - started
+
+    best = checkpoint.best_model_score
+    record = {
+        "variant": model_cfg.name,
+        "model": model_cfg.name,
+        "arch": model_cfg.arch,
+        "dataset": stats["dataset"],
+        "data_sha256": stats["data_sha256"],
+        "config_hash": run_hash,
+        "versions": package_versions(),
+        "train_seconds": round(train_seconds, 3),
+        "epochs": cfg.epochs,
+        "best_val_accuracy": float(best) if best is not None else None,
+        "resumed": resume_from is not None,
+        "accelerator": accelerator,
+        "precision": precision,
+        "world_size": trainer.world_size,
+        "threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+    }
+    if trainer.global_rank == 0:
+        model = module.model.to("cpu", memory_format=torch.contiguous_format)
+        save_artifact(model, spec, paths.model_out, **record)
+        with atomic_path(paths.metrics_out) as tmp:
+            shutil.copyfile(Path(logger.log_dir) / "metrics.csv", tmp)
+    return record

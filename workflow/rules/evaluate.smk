@@ -1,0 +1,17 @@
+rule evaluate:
+    input:
+        # Whatever stage produced the variant's model file: train now, prune/quantise later.
+        model=f"{VARIANT_DIR}/model.pt",
+        data=preprocessed("test"),
+    output:
+        f"{VARIANT_DIR}/eval.json",
+    params:
+        data_dir=DATA_DIR,
+        evaluate=config["evaluate"],
+    threads: config["evaluate"]["threads"]
+    log:
+        f"{LOGS}/evaluate/{{variant}}.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    script:
+        "../../scripts/evaluate.py"
