@@ -1,5 +1,5 @@
 # aihpc: preprocess -> train -> [compress] -> evaluate -> summary/report.
-# The rules live in workflow/rules/; the logic in the aihpc package.
+# The rules live in workflow/rules/ (helpers in common.smk); the logic in the aihpc package.
 
 
 include: "workflow/rules/common.smk"
@@ -7,3 +7,9 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),

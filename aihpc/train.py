@@ -8,6 +8,7 @@ one entry point: the Snakemake rule calls it once, the Dask launcher once per ra
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 from torch.utils.data import DataLoader, Dataset
@@ -123,22 +124,24 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        images, labels = batch
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> float in [0, 1], augmented while training, channels_last."""
         x = images.float().div_(255)
-        if self.trainer.training:
+        if self.training:
             x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.hflip)
-        return x.contiguous(memory_format=torch.channels_last), labels
+        return x.contiguous(memory_format=torch.channels_last)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y, label_smoothing=self.cfg.label_smoothing)
+        images, y = batch
+        loss = F.cross_entropy(
+            self(self.to_input(images)), y, label_smoothing=self.cfg.label_smoothing
+        )
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
+        images, y = batch
+        logits = self(self.to_input(images))
         self.val_acc(logits, y)
         self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
@@ -248,7 +251,8 @@ def fit(
         # Deterministic kernels exist for everything used here on CPU; several CUDA
         # backward kernels (max-pooling) have none, so on GPU only warn.
         deterministic=True if accelerator == "cpu" else "warn",
-        callbacks=[checkpoint],
+        # Rule logs are files: a bar redrawn every step would flood them.
+        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50)],
         logger=logger,
         limit_train_batches=cfg.limit_train_batches or 1.0,
         limit_val_batches=1.0 if has_val else 0,

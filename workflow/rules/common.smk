@@ -3,11 +3,14 @@ from snakemake.utils import min_version
 from aihpc.config import validate_config
 from aihpc.data import source_files
 
-
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default config only when none is given: Snakemake would otherwise merge a user's
+# --configfile into it, leaking the default sweep's models into theirs.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate_config(config, ", ".join(map(str, workflow.configfiles)) or "config")
@@ -43,14 +46,17 @@ def raw_dataset_files(wildcards):
 
 def preprocessed(*splits):
     """Arrays of the given splits plus stats.json."""
-    files = [f"{DATA_DIR}/{s}_{kind}.npy" for s in splits for kind in ("images", "labels")]
+    files = [
+        f"{DATA_DIR}/{s}_{kind}.npy" for s in splits for kind in ("images", "labels")
+    ]
     return files + [f"{DATA_DIR}/stats.json"]
 
 
-rule all:
-    input:
+def final_targets():
+    """What `rule all` asks for: the summary table and every report figure."""
+    return [
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/plots/training_curves.png",
         f"{RESULTS}/plots/tradeoffs.png",
-        expand(f"{RESULTS}/plots/confusion/{{variant}}.png", variant=VARIANTS),
-    default_target: True
+        *expand(f"{RESULTS}/plots/confusion/{{variant}}.png", variant=VARIANTS),
+    ]

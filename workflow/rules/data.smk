@@ -3,11 +3,11 @@ rule preprocess:
         raw_dataset_files,
     output:
         preprocessed("train", "val", "test"),
-    params:
-        data=config["data"],
     log:
         f"{LOGS}/preprocess.log",
     conda:
         "../../envs/data.yaml"
+    params:
+        data=config["data"],
     script:
         "../../scripts/preprocess.py"

@@ -5,13 +5,13 @@ rule evaluate:
         data=preprocessed("test"),
     output:
         f"{VARIANT_DIR}/eval.json",
-    params:
-        data_dir=DATA_DIR,
-        evaluate=config["evaluate"],
-    threads: config["evaluate"]["threads"]
     log:
         f"{LOGS}/evaluate/{{variant}}.log",
     conda:
         "../../envs/evaluate.yaml"
+    threads: config["evaluate"]["threads"]
+    params:
+        data_dir=DATA_DIR,
+        evaluate=config["evaluate"],
     script:
         "../../scripts/evaluate.py"

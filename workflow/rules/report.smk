@@ -24,12 +24,12 @@ rule plot_training_curves:
             caption="../report/training_curves.rst",
             category="Training",
         ),
-    params:
-        models=MODELS,
     log:
         f"{LOGS}/plot_training_curves.log",
     conda:
         "../../envs/report.yaml"
+    params:
+        models=MODELS,
     script:
         "../../scripts/plot_training_curves.py"
 

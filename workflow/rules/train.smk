@@ -4,16 +4,16 @@ rule train:
     output:
         model=f"{RESULTS}/{DATASET}/{{model}}/model.pt",
         metrics=f"{RESULTS}/{DATASET}/{{model}}/metrics.csv",
+    log:
+        f"{LOGS}/train/{{model}}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: workflow.cores
     params:
         data_dir=DATA_DIR,
         # Resumable checkpoints: outside the declared outputs so a failed job keeps them.
         work_dir=f"work/{DATASET}/{{model}}",
         model=lambda wildcards: config["models"][wildcards.model],
         train=config["train"],
-    threads: workflow.cores
-    log:
-        f"{LOGS}/train/{{model}}.log",
-    conda:
-        "../../envs/train.yaml"
     script:
         "../../scripts/train.py"
