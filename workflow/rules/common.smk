@@ -1,3 +1,5 @@
+import os
+
 from snakemake.utils import min_version
 
 from aihpc.config import validate_config
@@ -31,6 +33,12 @@ VARIANTS = MODELS
 
 wildcard_constraints:
     model="|".join(MODELS),
+
+
+def usable_cores():
+    """Cores this process may run on. Snakemake caps a job's threads at --cores; cluster
+    profiles set a rule's threads with set-threads."""
+    return len(os.sched_getaffinity(0))
 
 
 def raw_dataset_files(wildcards):

@@ -8,7 +8,7 @@ rule train:
         f"{LOGS}/train/{{model}}.log",
     conda:
         "../../envs/train.yaml"
-    threads: workflow.cores
+    threads: usable_cores()
     params:
         data_dir=DATA_DIR,
         # Resumable checkpoints: outside the declared outputs so a failed job keeps them.
