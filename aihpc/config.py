@@ -31,7 +31,9 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     try:
         validate(config, str(SCHEMA), set_default=True)
     except Exception as exc:
-        cause = next((a for a in exc.args if isinstance(a, jsonschema.ValidationError)), None)
+        # Snakemake wraps the jsonschema error (as the context of its WorkflowError).
+        candidates = (exc.__cause__, exc.__context__, *exc.args)
+        cause = next((c for c in candidates if isinstance(c, jsonschema.ValidationError)), None)
         if cause is None:
             raise
         where = ".".join(str(p) for p in cause.absolute_path) or "(top level)"

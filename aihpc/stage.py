@@ -6,7 +6,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from aihpc.errors import InputError
@@ -16,16 +16,20 @@ from aihpc.errors import InputError
 def rule_log(log_path: str | Path) -> Iterator[None]:
     """Send everything the stage prints to the rule's log; bad input becomes one line, exit 1.
 
-    Redirects file descriptors 1 and 2, not just ``sys.stdout``: logging handlers created at
-    import time (Lightning's) and native libraries write there too. Other exceptions (bugs)
-    keep their traceback. Snakemake removes the outputs of a failed job and prints the log
-    with ``--show-failed-logs``.
+    Redirects ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2: logging handlers
+    created at import time (Lightning's) and native libraries write to the descriptors.
+    Other exceptions (bugs) keep their traceback. Snakemake removes the outputs of a failed
+    job and prints the log with ``--show-failed-logs``.
     """
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log_path, "w") as log:
+    with (
+        open(log_path, "w", buffering=1) as log,
+        redirect_stdout(log),
+        redirect_stderr(log),
+    ):
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:

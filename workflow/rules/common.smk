@@ -52,6 +52,11 @@ def raw_dataset_files(wildcards):
     ]
 
 
+def data_dir_of_inputs(wildcards, input):
+    """The preprocessed-data directory, derived from a job's inputs (no hardcoded prefix)."""
+    return os.path.dirname(next(f for f in input if f.endswith("stats.json")))
+
+
 def preprocessed(*splits):
     """Arrays of the given splits plus stats.json."""
     files = [
@@ -61,7 +66,7 @@ def preprocessed(*splits):
 
 
 def final_targets():
-    """What `rule all` asks for: the summary table and every report figure."""
+    """The default run's targets, the summary table and every report figure."""
     return [
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/plots/training_curves.png",

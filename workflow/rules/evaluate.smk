@@ -11,7 +11,7 @@ rule evaluate:
         "../../envs/evaluate.yaml"
     threads: config["evaluate"]["threads"]
     params:
-        data_dir=DATA_DIR,
+        data_dir=data_dir_of_inputs,
         evaluate=config["evaluate"],
     script:
         "../../scripts/evaluate.py"

@@ -10,7 +10,7 @@ rule train:
         "../../envs/train.yaml"
     threads: usable_cores()
     params:
-        data_dir=DATA_DIR,
+        data_dir=data_dir_of_inputs,
         # Resumable checkpoints: outside the declared outputs so a failed job keeps them.
         work_dir=f"work/{DATASET}/{{model}}",
         model=lambda wildcards: config["models"][wildcards.model],
