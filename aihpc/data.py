@@ -24,6 +24,7 @@ import numpy as np
 from numpy._core.multiarray import _reconstruct
 
 from aihpc.errors import InputError
+from aihpc.files import file_sha256
 
 if TYPE_CHECKING:
     from aihpc.config import DataConfig
@@ -549,7 +550,7 @@ def _load_npz(
     test_path = _npz_test_path(root, train_path, test_file, keys)
     test_images, test_labels, test_names, _ = _read_npz(test_path, "test")
     for path in dict.fromkeys((train_path, test_path)):  # hash a shared archive once
-        sources[_rel(path, root)] = _file_sha256(path)
+        sources[_rel(path, root)] = file_sha256(path)
     chunks = [
         _Chunk("train", train_path, train_images, train_labels),
         _Chunk("test", test_path, test_images, test_labels),
@@ -575,11 +576,6 @@ def _npz_keys(path: Path) -> set[str]:
         return set()
     with npz:
         return set(npz.files)
-
-
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --- preprocessing --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 from torch.utils.data import DataLoader, Dataset
@@ -26,8 +27,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from aihpc.config import ModelConfig, TrainConfig
 from aihpc.data import load_split, read_stats
-from aihpc.files import atomic_path
-from aihpc.models import build_model, model_spec, save_artifact
+from aihpc.files import atomic_path, file_sha256
+from aihpc.models import build_model, load_artifact, model_spec, save_artifact
 from aihpc.provenance import config_hash, package_versions
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -227,23 +228,38 @@ def fit(
     env: ClusterEnvironment | None = None,
     strategy: Any = "auto",
     num_nodes: int = 1,
+    init_from: Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model_cfg`` on the arrays in ``paths.data_dir``; write the artifact and curves.
 
     Resumes from the last checkpoint of an interrupted run with the same config. ``env``,
     ``strategy`` and ``num_nodes`` let a launcher run this as one rank of a DDP job; only
-    global rank 0 writes outputs. Returns the run record (also stored in the artifact).
+    global rank 0 writes outputs. ``init_from`` starts from an artifact's architecture and
+    weights instead of a fresh ``model_cfg.arch`` (fine-tuning a pruned model);
+    ``callbacks`` join Lightning's (e.g. keeping pruning masks); ``extra_meta`` is added to
+    the record. Returns the run record (also stored in the artifact).
     """
     cfg = model_cfg.train
     stats = read_stats(paths.data_dir)
-    run_hash = config_hash({"model": model_cfg.as_dict(), "data_sha256": stats["data_sha256"]})
+    init = load_artifact(init_from)[1] if init_from is not None else None
+    run_hash = config_hash(
+        {
+            "model": model_cfg.as_dict(),
+            "data_sha256": stats["data_sha256"],
+            "init_sha256": file_sha256(init_from) if init_from is not None else None,
+        }
+    )
     if threads:
         torch.set_num_threads(threads)
     accelerator, precision = resolve_accelerator(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    spec = model_spec(model_cfg.arch, stats, **model_cfg.kwargs)
+    spec = init["spec"] if init else model_spec(model_cfg.arch, stats, **model_cfg.kwargs)
     module = ImageClassifier(spec, asdict(cfg))
+    if init:
+        module.model.load_state_dict(init["state_dict"])
     datamodule = ArrayDataModule(paths.data_dir, cfg.batch_size, seed=cfg.seed)
     has_val = stats["counts"]["val"] > 0
     # Checkpoints live under the config hash so a changed config never resumes a stale run.
@@ -270,7 +286,11 @@ def fit(
         # backward kernels (max-pooling) have none, so on GPU only warn.
         deterministic=True if accelerator == "cpu" else "warn",
         # Rule logs are files: a bar redrawn every step would flood them.
-        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50)],
+        callbacks=[
+            checkpoint,
+            TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
+            *callbacks,
+        ],
         logger=logger,
         limit_train_batches=cfg.limit_train_batches or 1.0,
         limit_val_batches=1.0 if has_val else 0,
@@ -301,6 +321,7 @@ def fit(
         "world_size": trainer.world_size,
         "threads": torch.get_num_threads(),
         "seed": cfg.seed,
+        **(extra_meta or {}),
     }
     if trainer.global_rank == 0:
         model = module.model.to("cpu", memory_format=torch.contiguous_format)

@@ -125,3 +125,39 @@ def test_train_config_fields_match_schema():
     assert set(schema["$defs"]["train"]["properties"]) == {
         f.name for f in dataclasses.fields(TrainConfig)
     }
+
+
+def test_fine_tune_from_an_artifact_with_callbacks_and_meta(tmp_path, preprocessed_dir):
+    import pytorch_lightning as pl
+
+    base = paths(tmp_path, preprocessed_dir, "base")
+    fit(base, tiny_model(epochs=1), threads=1)
+
+    class CountSteps(pl.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, *args):
+            CountSteps.steps += 1
+
+    tuned = paths(tmp_path, preprocessed_dir, "tuned")
+    # A different architecture in the config is ignored: the artifact's spec wins.
+    config = dataclasses.replace(tiny_model(epochs=1), arch="seed_cnn")
+    record = fit(
+        tuned,
+        config,
+        threads=1,
+        init_from=base.model_out,
+        callbacks=[CountSteps()],
+        extra_meta={"stage": "finetune"},
+    )
+    assert record["stage"] == "finetune"
+    assert CountSteps.steps > 0
+    base_model, base_record = load_artifact(base.model_out)
+    tuned_model, tuned_record = load_artifact(tuned.model_out)
+    assert tuned_record["spec"] == base_record["spec"]
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            base_model.state_dict().values(), tuned_model.state_dict().values(), strict=True
+        )
+    )
