@@ -96,11 +96,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How the train rule runs a model: ``workers`` DDP ranks on a Dask cluster."""
+
+    cluster: str = "local"
+    workers: int = 1
+    scheduler_address: str | None = None
+    scheduler_file: str | None = None
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     threads: int = 1
     warmup: int = 3
     repeats: int = 10
     latency_batch_sizes: tuple[int, ...] = (1, 256)
+    compile: bool = True
 
 
 def data_config(config: dict[str, Any]) -> DataConfig:
@@ -116,6 +128,10 @@ def model_config(config: dict[str, Any], name: str) -> ModelConfig:
     return ModelConfig(
         name=name, arch=entry["arch"], kwargs=entry.get("kwargs", {}), train=TrainConfig(**train)
     )
+
+
+def distributed_config(config: dict[str, Any]) -> DistributedConfig:
+    return DistributedConfig(**config.get("distributed", {}))
 
 
 def evaluate_config(config: dict[str, Any]) -> EvaluateConfig:

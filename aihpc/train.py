@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.plugins.environments import ClusterEnvironment
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.plugins.environments import ClusterEnvironment, LightningEnvironment
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from aihpc.config import ModelConfig, TrainConfig
@@ -82,12 +82,22 @@ class ArrayDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader[Batch]:
+        # Our own DistributedSampler, also for one process: each rank takes every
+        # world_size-th index of one seeded per-epoch permutation, so 2 ranks with batch b
+        # see exactly the samples 1 process with batch 2b sees, step by step.
+        trainer = self.trainer
+        sampler = DistributedSampler(
+            self.splits[split],
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=shuffle,
+            seed=self.seed,
+        )
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             collate_fn=_batch_as_is,
         )
 
@@ -128,7 +138,8 @@ class ImageClassifier(pl.LightningModule):
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> float in [0, 1], augmented while training, channels_last."""
-        x = images.float().div_(255)
+        # The module's dtype: float32, or float64 under precision "64-true".
+        x = images.to(self.dtype).div_(255)
         if self.training:
             x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.hflip)
         return x.contiguous(memory_format=torch.channels_last)
@@ -264,13 +275,10 @@ def fit(
     has_val = stats["counts"]["val"] > 0
     # Checkpoints live under the config hash so a changed config never resumes a stale run.
     checkpoint_dir = Path(paths.work_dir) / run_hash / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="best",
-        monitor="val_acc" if has_val else None,
-        mode="max",
-        save_last=True,
-    )
+    # Two callbacks: "save_last" of a monitored checkpoint only saves when the monitored
+    # metric improves, so a resume could go back several epochs.
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max")
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     # A new version per attempt: CSVLogger would otherwise delete the curves of the epochs
     # before a resume. merge_metrics joins the attempts.
     logger = CSVLogger(Path(paths.work_dir) / run_hash, name="logs")
@@ -280,14 +288,19 @@ def fit(
         devices=1,
         num_nodes=num_nodes,
         strategy=strategy,
-        plugins=[env] if env is not None else None,
+        # Without a launcher's env, one process: inside a Slurm job Lightning would otherwise
+        # pick SLURMEnvironment (rank and world size from SLURM_* variables, and a SIGUSR1
+        # handler that writes hpc_ckpt_*.ckpt to the working directory and requeues the job
+        # behind Snakemake's back).
+        plugins=[env if env is not None else LightningEnvironment()],
         precision=precision,
         # Deterministic kernels exist for everything used here on CPU; several CUDA
         # backward kernels (max-pooling) have none, so on GPU only warn.
         deterministic=True if accelerator == "cpu" else "warn",
         # Rule logs are files: a bar redrawn every step would flood them.
         callbacks=[
-            checkpoint,
+            *([best] if has_val else []),
+            last,
             TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
             *callbacks,
         ],
@@ -295,15 +308,16 @@ def fit(
         limit_train_batches=cfg.limit_train_batches or 1.0,
         limit_val_batches=1.0 if has_val else 0,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # ArrayDataModule shards itself
         log_every_n_steps=10,
     )
-    last = checkpoint_dir / "last.ckpt"
-    resume_from = last if last.exists() else None
+    last_file = checkpoint_dir / "last.ckpt"
+    resume_from = last_file if last_file.exists() else None
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     train_seconds = time.perf_counter() - started
 
-    best = checkpoint.best_model_score
+    best_score = best.best_model_score if has_val else None
     record = {
         "variant": model_cfg.name,
         "model": model_cfg.name,
@@ -313,8 +327,13 @@ def fit(
         "config_hash": run_hash,
         "versions": package_versions(),
         "train_seconds": round(train_seconds, 3),
+        "global_step": trainer.global_step,
+        # Samples this run processed per second, all ranks together.
+        "samples_per_s": round(
+            trainer.global_step * cfg.batch_size * trainer.world_size / train_seconds, 1
+        ),
         "epochs": cfg.epochs,
-        "best_val_accuracy": float(best) if best is not None else None,
+        "best_val_accuracy": float(best_score) if best_score is not None else None,
         "resumed": resume_from is not None,
         "accelerator": accelerator,
         "precision": precision,

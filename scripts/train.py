@@ -1,24 +1,43 @@
-"""rule train: preprocessed arrays -> model artifact + training curves (aihpc.train.fit)."""
+"""rule train: preprocessed arrays -> model artifact + training curves.
 
+One process, or DDP ranks on Dask workers when distributed.workers > 1
+(aihpc.distributed.train_model).
+"""
+
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package in conda envs
 
-from aihpc.config import model_config
+from aihpc.config import DistributedConfig, model_config
+from aihpc.distributed import train_model
 from aihpc.stage import rule_log
-from aihpc.train import TrainPaths, fit
+from aihpc.train import TrainPaths
 
-snakemake = globals()["snakemake"]
-with rule_log(snakemake.log[0]):
-    paths = TrainPaths(
-        data_dir=Path(snakemake.params.data_dir),
-        model_out=Path(snakemake.output.model),
-        metrics_out=Path(snakemake.output.metrics),
-        work_dir=Path(snakemake.params.work_dir),
-    )
-    config = {
-        "train": snakemake.params.train,
-        "models": {snakemake.wildcards.model: snakemake.params.model},
-    }
-    fit(paths, model_config(config, snakemake.wildcards.model), threads=snakemake.threads)
+ALLOCATION_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+
+# dask-cuda starts worker processes by spawning, which re-runs this file as a module: only
+# the main process may train.
+if __name__ == "__main__":
+    snakemake = globals()["snakemake"]
+    with rule_log(snakemake.log[0]):
+        paths = TrainPaths(
+            data_dir=Path(snakemake.params.data_dir),
+            model_out=Path(snakemake.output.model),
+            metrics_out=Path(snakemake.output.metrics),
+            work_dir=Path(snakemake.params.work_dir),
+        )
+        config = {
+            "train": snakemake.params.train,
+            "models": {snakemake.wildcards.model: snakemake.params.model},
+        }
+        # Which devices and job this run had (set by Slurm; CUDA_VISIBLE_DEVICES also elsewhere).
+        allocation = {name: os.environ[name] for name in ALLOCATION_VARS if name in os.environ}
+        train_model(
+            paths,
+            model_config(config, snakemake.wildcards.model),
+            DistributedConfig(**snakemake.params.distributed),
+            threads=snakemake.threads,
+            extra_meta={"allocation": allocation},
+        )
