@@ -161,6 +161,7 @@ def load_artifact(path: Any) -> tuple[nn.Module, dict[str, Any]]:
     model.load_state_dict(record["state_dict"])
     return model.eval(), record
 
+
 def update_artifact_meta(path: Any, **meta: Any) -> dict[str, Any]:
     """Add ``meta`` to an artifact's record in place (atomically); returns the new meta."""
     record = torch.load(path, map_location="cpu", weights_only=True)
