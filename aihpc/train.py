@@ -7,6 +7,7 @@ one entry point: the Snakemake rule calls it once, the Dask launcher once per ra
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -124,6 +125,25 @@ def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor
     return x
 
 
+class StepTimer(Callback):
+    """Median wall time of a training step (forward, backward, gradient sync, optimizer)
+    after ``warmup`` steps: the steady-state figure scaling profiles and benchmarks need."""
+
+    def __init__(self, warmup: int = 5) -> None:
+        self.warmup, self.times, self._started = warmup, [], 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._started)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
+
+
 class ImageClassifier(pl.LightningModule):
     def __init__(self, spec: dict[str, Any], train: dict[str, Any]) -> None:
         super().__init__()
@@ -149,7 +169,8 @@ class ImageClassifier(pl.LightningModule):
         loss = F.cross_entropy(
             self(self.to_input(images)), y, label_smoothing=self.cfg.label_smoothing
         )
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        # sync_dist: the epoch mean over all ranks (one all-reduce per epoch, not per step).
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -160,7 +181,8 @@ class ImageClassifier(pl.LightningModule):
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def on_train_epoch_start(self) -> None:
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+        lr = self.optimizers().param_groups[0]["lr"]
+        self.log("lr", lr, on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -279,6 +301,7 @@ def fit(
     # metric improves, so a resume could go back several epochs.
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_acc", mode="max")
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
+    step_timer = StepTimer()
     # A new version per attempt: CSVLogger would otherwise delete the curves of the epochs
     # before a resume. merge_metrics joins the attempts.
     logger = CSVLogger(Path(paths.work_dir) / run_hash, name="logs")
@@ -301,6 +324,7 @@ def fit(
         callbacks=[
             *([best] if has_val else []),
             last,
+            step_timer,
             TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
             *callbacks,
         ],
@@ -328,6 +352,7 @@ def fit(
         "versions": package_versions(),
         "train_seconds": round(train_seconds, 3),
         "global_step": trainer.global_step,
+        "step_time_s": step_timer.median,
         # Samples this run processed per second, all ranks together.
         "samples_per_s": round(
             trainer.global_step * cfg.batch_size * trainer.world_size / train_seconds, 1
