@@ -112,8 +112,14 @@ def dask_cluster(cfg: DistributedConfig, scratch_dir: Path) -> Iterator[Any]:
     import dask
     from distributed import Client, LocalCluster
 
-    # A lost worker must fail its rank's task, not be retried on another worker forever.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    settings = {
+        # A lost worker must fail its rank's task, not be retried on another worker forever.
+        "distributed.scheduler.allowed-failures": 0,
+        # The statistical profiler samples every thread's stack every 10 ms, taking the GIL
+        # from the training thread each time.
+        "distributed.worker.profile.enabled": False,
+    }
+    with dask.config.set(settings):
         if cfg.cluster == "connect":
             if cfg.scheduler_file:
                 client = Client(scheduler_file=cfg.scheduler_file, timeout="60s")
