@@ -219,9 +219,8 @@ def main() -> None:
     scaling = 2 * median("dask, 1 rank", "step_time_s") / dask
     print(f"scaling 1 -> 2 ranks (throughput ratio): {scaling:.2f}")
     print(f"cluster start: {median('dask, 2 ranks', 'cluster_start_s'):.2f} s")
-    print(
-        f"process-group init + Lightning setup in ranks: {median('dask, 2 ranks', 'rank_setup_s'):.2f} s"
-    )
+    setup = median("dask, 2 ranks", "rank_setup_s")
+    print(f"process-group init + Lightning setup in ranks: {setup:.2f} s")
 
 
 if __name__ == "__main__":
