@@ -109,18 +109,22 @@ class ArrayDataModule(pl.LightningDataModule):
         return self._loader("val", self.eval_batch_size, shuffle=False)
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor:
+def random_crop_flip(
+    x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-image random translation (zero padding) and horizontal flip, as batch tensor ops."""
     n, c, h, w = x.shape
     if padding:
         padded = F.pad(x, (padding,) * 4)
-        shift = torch.randint(0, 2 * padding + 1, (2, n, 1, 1), device=x.device)
+        shift = torch.randint(
+            0, 2 * padding + 1, (2, n, 1, 1), device=x.device, generator=generator
+        )
         rows = shift[0] + torch.arange(h, device=x.device).view(1, h, 1)
         cols = shift[1] + torch.arange(w, device=x.device).view(1, 1, w)
         flat_index = (rows * (w + 2 * padding) + cols).view(n, 1, h * w).expand(n, c, h * w)
         x = padded.flatten(2).gather(2, flat_index).view(n, c, h, w)
     if hflip:
-        flip = torch.rand(n, device=x.device) < 0.5
+        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     return x
 
@@ -161,7 +165,11 @@ class ImageClassifier(pl.LightningModule):
         # The module's dtype: float32, or float64 under precision "64-true".
         x = images.to(self.dtype).div_(255)
         if self.training:
-            x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.hflip)
+            # Drawn from (seed, step, rank), not the global RNG: a run resumed from a
+            # checkpoint augments every later step exactly as the uninterrupted run would.
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(hash((self.cfg.seed, self.global_step, self.global_rank)))
+            x = random_crop_flip(x, self.cfg.crop_padding, self.cfg.hflip, generator)
         return x.contiguous(memory_format=torch.channels_last)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

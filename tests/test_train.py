@@ -161,3 +161,26 @@ def test_fine_tune_from_an_artifact_with_callbacks_and_meta(tmp_path, preprocess
             base_model.state_dict().values(), tuned_model.state_dict().values(), strict=True
         )
     )
+
+
+def test_resume_mid_run_with_augmentation_matches_an_uninterrupted_run(tmp_path, preprocessed_dir):
+    import pytorch_lightning as pl
+
+    class Crash(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("preempted")
+
+    model = tiny_model(epochs=2, crop_padding=2, hflip=True)
+    reference = paths(tmp_path, preprocessed_dir, "reference")
+    fit(reference, model, threads=1)
+    crashed = paths(tmp_path, preprocessed_dir, "crashed")
+    with pytest.raises(RuntimeError, match="preempted"):
+        fit(crashed, model, threads=1, callbacks=[Crash()])
+    record = fit(crashed, model, threads=1)
+    assert record["resumed"] is True
+    expected = load_artifact(reference.model_out)[0].state_dict()
+    resumed = load_artifact(crashed.model_out)[0].state_dict()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    curves = pd.read_csv(crashed.metrics_out)
+    assert sorted(curves["epoch"].unique()) == [0, 1]
