@@ -4,7 +4,9 @@
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/allocate.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/compress.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

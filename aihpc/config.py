@@ -113,6 +113,7 @@ class EvaluateConfig:
     repeats: int = 10
     latency_batch_sizes: tuple[int, ...] = (1, 256)
     compile: bool = True
+    cpp_wrapper: bool = False
 
 
 def data_config(config: dict[str, Any]) -> DataConfig:
@@ -139,3 +140,124 @@ def evaluate_config(config: dict[str, Any]) -> EvaluateConfig:
     if "latency_batch_sizes" in settings:
         settings["latency_batch_sizes"] = tuple(settings["latency_batch_sizes"])
     return EvaluateConfig(**settings)
+
+
+# --- compression variants (compress: in the config) ------------------------------------------
+
+PRUNE_TOKENS = {"structured": "struct", "unstructured": "unstruct"}
+QUANT_MODES = ("int8", "int8dyn", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class CompressStage:
+    """One compression stage's output variant.
+
+    ``stage`` is ``prune`` (prune + fine-tune the ``parent`` model) or ``quantize``
+    (quantise the ``parent`` variant). ``model`` is the trained model the path starts from.
+    """
+
+    name: str
+    model: str
+    parent: str
+    stage: str
+    prune_method: str | None = None
+    prune_ratio: float | None = None
+    l1: float = 0.0
+    gradual: bool = False
+    quant: str = "fp32"
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prune_token(prune: dict[str, Any]) -> str:
+    """``struct0.5``, ``unstruct0.8``; ``g`` marks a gradual schedule, ``_lam<l1>`` a penalty."""
+    token = f"{PRUNE_TOKENS[prune['method']]}{float(prune['ratio']):g}"
+    if prune.get("gradual"):
+        token += "g"
+    if prune.get("l1"):
+        token += f"_lam{float(prune['l1']):g}"
+    return token
+
+
+def compress_stages(config: dict[str, Any]) -> dict[str, CompressStage]:
+    """Every pruned and quantised variant of ``compress.variants``, named once, in config
+    order (a pruned variant before the quantised one built from it). Raises ConfigError for
+    an unknown model, an entry that neither prunes nor quantises, gradual structured
+    pruning, or one name defined twice with different settings."""
+    stages: dict[str, CompressStage] = {}
+
+    def add(stage: CompressStage, where: str) -> None:
+        if stage.name in stages and stages[stage.name] != stage:
+            raise ConfigError(
+                f"field '{where}': variant '{stage.name}' is defined twice with different settings"
+            )
+        stages[stage.name] = stage
+
+    for i, entry in enumerate(config.get("compress", {}).get("variants", [])):
+        where = f"compress.variants.{i}"
+        model = entry["model"]
+        if model not in config["models"]:
+            raise ConfigError(
+                f"field '{where}.model': '{model}' is not a key of models "
+                f"({sorted(config['models'])})"
+            )
+        prune, quant = entry.get("prune"), entry.get("quant", "none")
+        if not prune and quant == "none":
+            raise ConfigError(
+                f"field '{where}': needs a prune step, a quant mode other than none, or both"
+            )
+        parent = model
+        if prune:
+            if prune.get("gradual") and prune["method"] != "unstructured":
+                raise ConfigError(
+                    f"field '{where}.prune.gradual': only unstructured pruning is gradual"
+                )
+            name = f"{model}-{prune_token(prune)}"
+            add(
+                CompressStage(
+                    name=name,
+                    model=model,
+                    parent=model,
+                    stage="prune",
+                    prune_method=prune["method"],
+                    prune_ratio=float(prune["ratio"]),
+                    l1=float(prune.get("l1", 0.0)),
+                    gradual=bool(prune.get("gradual", False)),
+                    finetune=dict(entry.get("finetune") or {}),
+                ),
+                where,
+            )
+            parent = name
+        if quant != "none":
+            base = stages[parent] if prune else None
+            add(
+                CompressStage(
+                    name=f"{parent}-{quant}",
+                    model=model,
+                    parent=parent,
+                    stage="quantize",
+                    prune_method=base.prune_method if base else None,
+                    prune_ratio=base.prune_ratio if base else None,
+                    l1=base.l1 if base else 0.0,
+                    gradual=base.gradual if base else False,
+                    quant=quant,
+                ),
+                where,
+            )
+    return stages
+
+
+def finetune_config(config: dict[str, Any], stage: CompressStage) -> ModelConfig:
+    """Fine-tuning settings of a pruned variant: the model's effective train settings,
+    overridden by ``compress.finetune``, then by the variant's own ``finetune`` block."""
+    base = model_config(config, stage.model)
+    train = {
+        **asdict(base.train),
+        **config.get("compress", {}).get("finetune", {}),
+        **stage.finetune,
+    }
+    return ModelConfig(
+        name=stage.name, arch=base.arch, kwargs=base.kwargs, train=TrainConfig(**train)
+    )

@@ -7,6 +7,7 @@ be built from evaluation JSONs alone.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from aihpc.compress import count_macs, weight_counts
 from aihpc.data import load_split, read_stats
 from aihpc.errors import InputError
 from aihpc.files import write_json
@@ -45,8 +47,17 @@ def evaluate_model(
     warmup: int = 3,
     repeats: int = 10,
     eval_batch_size: int = 1000,
+    compile: bool = False,
+    cpp_wrapper: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy metrics, parameter counts, file size and CPU latency of one artifact."""
+    """Accuracy metrics, parameter counts, MACs, file size and CPU latency of one artifact.
+
+    Latency is measured eager (``latency_eager_b<B>_ms``) and, with ``compile``, compiled
+    with :func:`aihpc.compress.compile_for_cpu` (``latency_compiled_b<B>_ms``, where int8
+    programs run int8 kernels); ``latency_b<B>_ms`` is the faster of the two. With
+    ``compile``, accuracy is scored by the compiled model in batches of the largest latency
+    batch size (the last one zero-padded), so only the timed shapes are compiled;
+    ``cpp_wrapper`` compiles with Inductor's C++ wrapper."""
     model_path, data_dir = Path(model_path), Path(data_dir)
     if repeats < 1 or warmup < 0 or eval_batch_size < 1:
         raise ValueError(
@@ -60,7 +71,20 @@ def evaluate_model(
     stats = read_stats(data_dir)
     images, labels = load_split(data_dir, "test")
     check_compatible(model_path, record["spec"], data_dir, stats, images.shape)
-    model = model.to(memory_format=torch.channels_last)
+    is_program = record.get("format") == "program"  # an exported graph keeps its layout
+    if not is_program:
+        model = model.to(memory_format=torch.channels_last)
+    largest = max(latency_batch_sizes)
+    scorer, compile_seconds = model, None
+    if compile:
+        from aihpc.compress import compile_for_cpu
+
+        scorer, eval_batch_size = compile_for_cpu(model, cpp_wrapper=cpp_wrapper), largest
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for batch in sorted(set(latency_batch_sizes)):
+                scorer(to_input(np.zeros((batch, *images.shape[1:]), dtype=np.uint8)))
+        compile_seconds = time.perf_counter() - started
     num_classes = int(stats["num_classes"])
     class_names = [str(name) for name in stats["class_names"]]
 
@@ -71,17 +95,28 @@ def evaluate_model(
     with torch.inference_mode():
         for start in range(0, len(images), eval_batch_size):
             stop = start + eval_batch_size
-            preds = model(to_input(images[start:stop])).argmax(dim=1)
+            chunk = images[start:stop]
+            if compile and len(chunk) < eval_batch_size:  # pad: no extra compiled shape
+                padding = np.zeros((eval_batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, padding])
+            preds = scorer(to_input(chunk)).argmax(dim=1)[: min(stop, len(images)) - start]
             for metric in (accuracy, per_class, confusion):
                 metric.update(preds, targets[start:stop])
 
-    params = sum(p.numel() for p in model.parameters())
-    nonzeros = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    params, nonzeros = weight_counts(model)
     image_shape = tuple(images.shape[1:])
-    latencies = measure_latency(model, image_shape, latency_batch_sizes, threads, warmup, repeats)
-    largest = max(latency_batch_sizes)
-
+    eager = measure_latency(model, image_shape, latency_batch_sizes, threads, warmup, repeats)
+    compiled = (
+        measure_latency(scorer, image_shape, latency_batch_sizes, threads, warmup, repeats)
+        if compile
+        else {}
+    )
+    latencies = {b: min(eager[b], compiled.get(b, math.inf)) for b in eager}
     meta = record["meta"]
+    height, width, channels = image_shape
+    macs = meta.get("macs") if is_program else None
+    macs = macs if macs is not None else count_macs(model, (channels, height, width))
+
     result: dict[str, Any] = {k: v for k, v in meta.items() if isinstance(v, SCALAR_TYPES)}
     # Measured values come last so that no meta key can shadow them.
     result.update(
@@ -95,8 +130,18 @@ def evaluate_model(
         params=params,
         nonzeros=nonzeros,
         sparsity=1.0 - nonzeros / params,
+        macs=macs,
         size_bytes=os.path.getsize(model_path),
+        quant=meta.get("quant", "fp32"),
+        prune_method=meta.get("prune_method", "none"),
+        prune_ratio=meta.get("prune_ratio", 0.0),
+        artifact_format=record.get("format", "dense"),
         **{f"latency_b{b}_ms": ms for b, ms in latencies.items()},
+        **{f"latency_eager_b{b}_ms": ms for b, ms in eager.items()},
+        **{f"latency_compiled_b{b}_ms": ms for b, ms in compiled.items()},
+        compiled=compile,
+        cpp_wrapper=compile and cpp_wrapper,
+        compile_seconds=compile_seconds,
         **{f"throughput_b{largest}_per_s": largest / (latencies[largest] / 1000.0)},
         latency_threads=threads,
         cpu=cpu_info(),

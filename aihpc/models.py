@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aihpc.errors import InputError
 from aihpc.files import atomic_path
 
 ModelFactory = Callable[..., nn.Module]
@@ -44,13 +45,13 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class ResidualBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity shortcut."""
+    """Two 3x3 conv-BN layers with an identity shortcut; ``inner`` channels between the two
+    convolutions (default ``channels``; structured pruning makes it narrower)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, inner: int | None = None) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            *conv_bn(channels, channels), nn.GELU(), *conv_bn(channels, channels)
-        )
+        inner = channels if inner is None else inner
+        self.body = nn.Sequential(*conv_bn(channels, inner), nn.GELU(), *conv_bn(inner, channels))
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,19 +97,26 @@ def resnet_s(
     mean: Sequence[float],
     std: Sequence[float],
     widths: Sequence[int] = (32, 64, 128),
+    inner_widths: Sequence[int] | None = None,
 ) -> nn.Module:
     """A small residual CNN for 28-32 px images (airbench-style: each stage is a conv,
-    a 2x2 max-pool, BN, GELU, then one residual block at the pooled resolution)."""
+    a 2x2 max-pool, BN, GELU, then one residual block at the pooled resolution).
+
+    ``inner_widths`` (one per residual block, default: the stage widths) are the channels
+    inside each block; with ``widths`` they fix every layer's width (structured pruning)."""
     del input_size  # global pooling makes the network size-agnostic
+    inner = list(widths[1:]) if inner_widths is None else list(inner_widths)
+    if len(inner) != len(widths) - 1:
+        raise ValueError(f"inner_widths needs {len(widths) - 1} entries, got {inner}")
     layers: list[nn.Module] = [Normalize(mean, std), *conv_bn(in_channels, widths[0]), nn.GELU()]
     c_in = widths[0]
-    for c_out in widths[1:]:
+    for c_out, c_inner in zip(widths[1:], inner, strict=True):
         layers += [
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
             nn.MaxPool2d(2),
             nn.BatchNorm2d(c_out),
             nn.GELU(),
-            ResidualBlock(c_out),
+            ResidualBlock(c_out, c_inner),
         ]
         c_in = c_out
     layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes, bias=False)]
@@ -155,10 +163,25 @@ def save_artifact(model: nn.Module, spec: dict[str, Any], path: Any, /, **meta: 
 
 
 def load_artifact(path: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from its artifact; returns the model (eval mode, CPU) and the record."""
+    """Rebuild a model from its artifact; returns the model (eval mode, CPU) and the record.
+
+    Compressed artifacts (``record["format"]``: ``sparse`` bitmask + values, ``program`` a
+    quantised ``torch.export`` program) load through :func:`aihpc.compress.load_compressed`;
+    a sparse record comes back with its dense ``state_dict`` filled in."""
     record = torch.load(path, map_location="cpu", weights_only=True)
+    if record.get("format", "dense") != "dense":
+        from aihpc.compress import load_compressed  # compress imports this module
+
+        return load_compressed(path, record)
     model = build_model(record["spec"])
-    model.load_state_dict(record["state_dict"])
+    try:
+        model.load_state_dict(record["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise InputError(
+            f"{path}: weights do not fit the model spec it carries "
+            f"(arch {record['spec']['arch']!r}, kwargs {record['spec']['kwargs']}): {first}"
+        ) from None
     return model.eval(), record
 
 

@@ -8,7 +8,17 @@ import platform
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("torch", "pytorch-lightning", "torchmetrics", "numpy", "dask", "snakemake", "aihpc")
+PACKAGES = (
+    "torch",
+    "pytorch-lightning",
+    "torchmetrics",
+    "torchao",
+    "torch-pruning",
+    "numpy",
+    "dask",
+    "snakemake",
+    "aihpc",
+)
 
 
 def config_hash(config: Any) -> str:

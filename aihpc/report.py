@@ -8,6 +8,7 @@ module, and no figure registry that could leak memory in long-running processes.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -69,12 +70,42 @@ def summarize(eval_jsons: Sequence[Path], out_csv: Path) -> pd.DataFrame:
     if duplicates:
         raise InputError(f"duplicate variant name(s) in evaluation JSONs: {duplicates}")
 
-    frame = pd.DataFrame(rows)
+    frame = add_baseline_ratios(pd.DataFrame(rows))
+    if "predicted_train_seconds" in frame:  # trained by the allocator's plan
+        # Measured over predicted, minus 1: > 0 when training took longer than planned.
+        frame["prediction_error"] = frame["train_seconds"] / frame["predicted_train_seconds"] - 1
     extra = sorted(set(frame.columns) - set(SUMMARY_COLUMNS))
     frame = frame[SUMMARY_COLUMNS + extra].sort_values("variant", ignore_index=True)
     with atomic_path(out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
+
+
+def add_baseline_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each row against its model's uncompressed fp32 row (the one whose variant is the
+    model's name): ``speedup_b<B>_vs_eager_fp32`` and ``speedup_b<B>_vs_compiled_fp32``
+    (baseline latency / this row's ``latency_b<B>_ms``), ``size_ratio_vs_fp32`` (times
+    smaller on disk) and ``accuracy_delta_vs_fp32``. Rows without a baseline get NaN; a
+    frame without eager/compiled latencies or baselines is returned unchanged."""
+    if "model" not in frame or not (frame["variant"] == frame["model"]).any():
+        return frame
+    base = frame[frame["variant"] == frame["model"]].set_index("model")
+    ratios: dict[str, pd.Series] = {}
+    for column in frame.columns:
+        match = re.fullmatch(r"latency_b(\d+)_ms", column)
+        for mode in ("eager", "compiled") if match else ():
+            reference = f"latency_{mode}_b{match[1]}_ms"
+            if reference in frame:
+                ratios[f"speedup_b{match[1]}_vs_{mode}_fp32"] = (
+                    frame["model"].map(base[reference]) / frame[column]
+                )
+    if not ratios:
+        return frame
+    ratios["size_ratio_vs_fp32"] = frame["model"].map(base["size_bytes"]) / frame["size_bytes"]
+    ratios["accuracy_delta_vs_fp32"] = frame["test_accuracy"] - frame["model"].map(
+        base["test_accuracy"]
+    )
+    return frame.assign(**ratios)
 
 
 def save_figure(fig: Figure, out_png: Path) -> None:
@@ -164,14 +195,17 @@ def pareto_mask(cost: Sequence[float], score: Sequence[float]) -> np.ndarray:
 
 
 def plot_tradeoffs(summary_csv: Path, out_png: Path) -> None:
-    """Accuracy vs single-image latency and vs file size, with the Pareto front marked."""
+    """Accuracy vs single-image latency, vs batch-256 latency (when measured) and vs file
+    size, with the Pareto front marked. Latency is each variant's best (eager or compiled)."""
     summary = pd.read_csv(summary_csv)
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    panels = (
-        ("latency_b1_ms", "latency, batch 1 (ms)", "Accuracy vs latency"),
+    panels = [
+        ("latency_b1_ms", "latency, batch 1 (ms)", "Accuracy vs latency (batch 1)"),
+        ("latency_b256_ms", "latency, batch 256 (ms)", "Accuracy vs latency (batch 256)"),
         ("size_bytes", "model file size (KiB)", "Accuracy vs size"),
-    )
-    for ax, (column, xlabel, title) in zip(fig.subplots(1, 2), panels, strict=True):
+    ]
+    panels = [panel for panel in panels if panel[0] in summary]
+    fig = Figure(figsize=(6 * len(panels), 5), layout="constrained")
+    for ax, (column, xlabel, title) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         scale = 1024.0 if column == "size_bytes" else 1.0
         x = summary[column].to_numpy(dtype=float) / scale
         y = summary["test_accuracy"].to_numpy(dtype=float)

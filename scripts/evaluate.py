@@ -19,4 +19,6 @@ with rule_log(snakemake.log[0]):
         latency_batch_sizes=settings["latency_batch_sizes"],
         warmup=settings["warmup"],
         repeats=settings["repeats"],
+        compile=settings["compile"],
+        cpp_wrapper=settings["cpp_wrapper"],
     )

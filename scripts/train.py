@@ -34,10 +34,14 @@ if __name__ == "__main__":
         }
         # Which devices and job this run had (set by Slurm; CUDA_VISIBLE_DEVICES also elsewhere).
         allocation = {name: os.environ[name] for name in ALLOCATION_VARS if name in os.environ}
+        # With allocate.enabled, the plan's prediction: the summary compares it with the
+        # measured train_seconds (prediction_error).
+        predicted = snakemake.params.predicted_train_seconds
+        planned = {} if predicted is None else {"predicted_train_seconds": predicted}
         train_model(
             paths,
             model_config(config, snakemake.wildcards.model),
             DistributedConfig(**snakemake.params.distributed),
             threads=snakemake.threads,
-            extra_meta={"allocation": allocation},
+            extra_meta={"allocation": allocation, **planned},
         )

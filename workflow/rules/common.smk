@@ -1,8 +1,10 @@
 import os
+import re
 
 from snakemake.utils import min_version
 
-from aihpc.config import validate_config
+from aihpc.allocate.planned import train_settings
+from aihpc.config import compress_stages, finetune_config, validate_config
 from aihpc.data import source_files
 
 min_version("9.0")
@@ -26,19 +28,83 @@ DATASET = config["data"]["name"]
 DATA_DIR = f"{RESULTS}/{DATASET}/data"
 VARIANT_DIR = f"{RESULTS}/{DATASET}/{{variant}}"
 LOGS = f"{RESULTS}/logs/{DATASET}"
-# Trained models are the variants for now; compression stages add `<model>-<stage>` names.
 MODELS = list(config["models"])
-VARIANTS = MODELS
+# Compression variants named once from config["compress"] (aihpc.config.compress_stages):
+# <model>-<prune> (prune + finetune) and <parent>-<quant> (quantize).
+COMPRESSED = compress_stages(config)
+PRUNED = [name for name, stage in COMPRESSED.items() if stage.stage == "prune"]
+QUANTIZED = [name for name, stage in COMPRESSED.items() if stage.stage == "quantize"]
+TRAINED = MODELS + PRUNED  # variants with training curves
+VARIANTS = MODELS + list(COMPRESSED)
 
 
 wildcard_constraints:
     model="|".join(MODELS),
 
 
+def parent_model(name):
+    """The model file a compression stage starts from (a trained or pruned variant's)."""
+    return f"{RESULTS}/{DATASET}/{COMPRESSED[name].parent}/model.pt"
+
+
+def alternatives(names):
+    """A wildcard constraint matching exactly these names (none: matches nothing)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
 def usable_cores():
     """Cores this process may run on. Snakemake caps a job's threads at --cores; cluster
     profiles set a rule's threads with set-threads."""
     return len(os.sched_getaffinity(0))
+
+
+def train_gpus(wildcards):
+    """GPUs a training job asks the cluster scheduler for, as train's `gpu` resource.
+    The model's `gpus`; by default one per Dask worker with `distributed.cluster: cuda`.
+    """
+    gpus = config["models"][wildcards.model].get("gpus")
+    if gpus is None and config["distributed"]["cluster"] == "cuda":
+        return config["distributed"]["workers"]
+    return gpus or 0
+
+
+# GPU allocation (allocate.enabled): rules profile -> fit_scaling -> allocate write the plan
+# under PLAN_DIR, and each train job takes its resources and Dask workers from it.
+ALLOCATE = config["allocate"]
+PLAN_DIR = f"{RESULTS}/plan"
+PLAN = f"{PLAN_DIR}/allocation.json"
+PLANNED_RESOURCES = ("gpu", "nodes", "cpus_per_gpu", "runtime")
+
+
+def allocation_plan(wildcards):
+    """train's input: the plan when allocation is on (its resources come from it), else none."""
+    return PLAN if ALLOCATE["enabled"] else []
+
+
+def from_plan(key, default):
+    """A train resource or parameter: `key` of aihpc.allocate.planned.train_settings for
+    the job's model when allocation is on, else `default`. Snakemake evaluates it once the
+    plan exists; a dry run before that shows <TBD>."""
+    if not ALLOCATE["enabled"]:
+        return default
+    return lambda wildcards, input: train_settings(
+        input.plan, wildcards.model, ALLOCATE, config["distributed"]
+    )[key]
+
+
+def train_resources():
+    """train's scheduler resources: its GPUs (train_gpus), or with allocation on the GPUs,
+    nodes, CPUs per GPU and runtime (minutes) of its planned job."""
+    if not ALLOCATE["enabled"]:
+        return {"gpu": train_gpus}
+    return {key: from_plan(key, None) for key in PLANNED_RESOURCES}
+
+
+def profile_gpus():
+    """GPUs of a profile job: its largest run's, on a GPU node (distributed.cluster cuda)."""
+    if config["distributed"]["cluster"] == "cuda":
+        return max(ALLOCATE["profile"]["workers"])
+    return 0
 
 
 def raw_dataset_files(wildcards):
@@ -72,4 +138,5 @@ def final_targets():
         f"{RESULTS}/plots/training_curves.png",
         f"{RESULTS}/plots/tradeoffs.png",
         *expand(f"{RESULTS}/plots/confusion/{{variant}}.png", variant=VARIANTS),
+        *([f"{PLAN_DIR}/gantt.png"] if ALLOCATE["enabled"] else []),
     ]

@@ -17,7 +17,7 @@ rule summary:
 
 rule plot_training_curves:
     input:
-        expand(f"{RESULTS}/{DATASET}/{{model}}/metrics.csv", model=MODELS),
+        expand(f"{RESULTS}/{DATASET}/{{model}}/metrics.csv", model=TRAINED),
     output:
         report(
             f"{RESULTS}/plots/training_curves.png",
@@ -29,7 +29,7 @@ rule plot_training_curves:
     conda:
         "../../envs/report.yaml"
     params:
-        models=MODELS,
+        models=TRAINED,
     script:
         "../../scripts/plot_training_curves.py"
 

@@ -1,0 +1,29 @@
+"""rule finetune: a pruned artifact -> the fine-tuned variant + its curves (aihpc.compress)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package in conda envs
+
+from aihpc.compress import finetune
+from aihpc.config import ModelConfig, TrainConfig
+from aihpc.stage import rule_log
+from aihpc.train import TrainPaths
+
+snakemake = globals()["snakemake"]
+with rule_log(snakemake.log[0]):
+    paths = TrainPaths(
+        data_dir=Path(snakemake.params.data_dir),
+        model_out=Path(snakemake.output.model),
+        metrics_out=Path(snakemake.output.metrics),
+        work_dir=Path(snakemake.params.work_dir),
+    )
+    settings = snakemake.params.finetune
+    model_cfg = ModelConfig(**{**settings, "train": TrainConfig(**settings["train"])})
+    finetune(
+        Path(snakemake.input.model),
+        paths,
+        model_cfg,
+        threads=snakemake.threads,
+        gradual_steps=snakemake.params.gradual_steps,
+    )
