@@ -24,6 +24,8 @@ from aihpc.errors import InputError
 
 #: Largest number of GPUs one job may use (Sia caps configurations the same way).
 MAX_GPUS_PER_JOB = 64
+#: The GPU type of CPU workers (profiles taken without a GPU): its "GPUs" are Dask workers.
+CPU_TYPE = "cpu"
 
 
 class AllocationError(InputError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aihpc.allocate import MAX_GPUS_PER_JOB, AllocationError, ilp, read_cluster
+from aihpc.allocate import MAX_GPUS_PER_JOB, ilp, read_cluster
 from aihpc.allocate import model as tm
 from aihpc.files import write_json
 
@@ -91,16 +91,9 @@ def run_allocate(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     profiles = tm.read_profiles(args.profiles)
     cluster = read_cluster(args.cluster)
-    keys = sorted(k for k in profiles if k[1] in cluster.gpu_types)
-    skipped = sorted({k[1] for k in profiles} - set(cluster.gpu_types))
-    if not keys:
-        raise AllocationError(
-            f"{args.cluster}: none of the profiled GPU types ({', '.join(skipped)}) is in "
-            f"the cluster ({', '.join(cluster.gpu_types)})"
-        )
+    fits, skipped = tm.fit_cluster(profiles, cluster, args.cluster)
     if skipped:
         print(f"not in the cluster, not fitted: {', '.join(skipped)}", file=sys.stderr)
-    fits = [tm.fit(model, gpu, profiles[(model, gpu)]) for model, gpu in keys]
     rows = tm.throughput_rows(
         fits,
         cluster,

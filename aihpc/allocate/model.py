@@ -273,6 +273,24 @@ def fit(model: str, gpu_type: str, profile: Profile) -> FitResult:
     )
 
 
+def fit_cluster(
+    profiles: Mapping[tuple[str, str], Profile], cluster: Cluster, source: str
+) -> tuple[list[FitResult], list[str]]:
+    """Fit every profiled (model, GPU type) whose type is in ``cluster``.
+
+    Returns the fits (sorted by model, type) and the profiled types left out because the
+    cluster lacks them; none fitted is an AllocationError naming ``source`` (the cluster's).
+    """
+    keys = sorted(k for k in profiles if k[1] in cluster.gpu_types)
+    skipped = sorted({k[1] for k in profiles} - set(cluster.gpu_types))
+    if not keys:
+        raise AllocationError(
+            f"{source}: none of the profiled GPU types ({', '.join(skipped)}) is in "
+            f"the cluster ({', '.join(cluster.gpu_types)})"
+        )
+    return [fit(model, gpu, profiles[(model, gpu)]) for model, gpu in keys], skipped
+
+
 def holdout_errors(profile: Profile, scheme: str = "every", every: int = 4) -> np.ndarray:
     """Relative throughput errors on configurations left out of the fit.
 
