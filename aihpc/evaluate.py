@@ -172,6 +172,19 @@ def check_compatible(
         )
 
 
+def median_forward_ms(model: nn.Module, x: torch.Tensor, *, warmup: int, repeats: int) -> float:
+    """Median wall time in ms of ``model(x)`` over ``repeats`` calls after ``warmup`` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
 def measure_latency(
     model: nn.Module,
     image_shape: Sequence[int],
@@ -187,18 +200,10 @@ def measure_latency(
     torch.set_num_threads(threads)
     try:
         latencies = {}
-        with torch.inference_mode():
-            for batch in batch_sizes:
-                x = torch.rand(batch, channels, height, width, generator=generator)
-                x = x.contiguous(memory_format=torch.channels_last)
-                for _ in range(warmup):
-                    model(x)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(x)
-                    times.append(time.perf_counter() - start)
-                latencies[batch] = statistics.median(times) * 1000.0
+        for batch in batch_sizes:
+            x = torch.rand(batch, channels, height, width, generator=generator)
+            x = x.contiguous(memory_format=torch.channels_last)
+            latencies[batch] = median_forward_ms(model, x, warmup=warmup, repeats=repeats)
         return latencies
     finally:
         torch.set_num_threads(previous_threads)

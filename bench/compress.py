@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from aihpc.compress import compile_for_cpu  # noqa: E402
 from aihpc.config import load_config  # noqa: E402
+from aihpc.evaluate import median_forward_ms  # noqa: E402
 from aihpc.models import load_artifact  # noqa: E402
 from aihpc.provenance import cpu_info, package_versions  # noqa: E402
 from aihpc.report import pareto_mask  # noqa: E402
@@ -91,18 +91,6 @@ def run_workflow(config_path: Path, workdir: Path, cores: int, sweep: str, finet
     return workdir / "results" / "summary.csv"
 
 
-def median_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
-
-
 def retime(
     summary: pd.DataFrame,
     results_dir: Path,
@@ -133,7 +121,7 @@ def retime(
         for variant, modes in runners.items():
             for mode, runner in modes.items():
                 for b, x in inputs.items():
-                    ms = median_ms(runner, x, repeats)
+                    ms = median_forward_ms(runner, x, warmup=3, repeats=repeats)
                     key = (variant, mode, b)
                     best[key] = min(best.get(key, float("inf")), ms)
         print(f"timing round {round_ + 1}/{rounds} done")
