@@ -94,9 +94,10 @@ def from_plan(key, default):
 
 def train_resources():
     """train's scheduler resources: its GPUs (train_gpus), or with allocation on the GPUs,
-    nodes, CPUs per GPU and runtime (minutes) of its planned job."""
+    nodes, CPUs per GPU and runtime (minutes) of its planned job; 4 h without a plan."""
     if not ALLOCATE["enabled"]:
-        return {"gpu": train_gpus}
+        # A default here, not in a profile's set-resources: that would override the plan's.
+        return {"gpu": train_gpus, "runtime": 240}
     return {key: from_plan(key, None) for key in PLANNED_RESOURCES}
 
 
