@@ -14,7 +14,9 @@ This module holds what they share: the cluster description and the candidate con
 
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,26 @@ CPU_TYPE = "cpu"
 
 class AllocationError(InputError):
     """Bad allocator input: names the file, field or job and what was expected."""
+
+
+def read_csv(
+    path: str | os.PathLike[str], what: str, required: Sequence[str]
+) -> list[dict[str, str]]:
+    """Rows of a CSV input (``what`` names it in errors) that has the ``required`` columns."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = reader.fieldnames or []
+            rows = list(reader)
+    except OSError as exc:
+        raise AllocationError(f"{path}: cannot read the {what}: {exc}") from exc
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise AllocationError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}"
+        )
+    return rows
 
 
 class InfeasibleError(AllocationError):

@@ -35,7 +35,6 @@ program has no solution, re-solves without each constraint group name the one at
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import sys
@@ -56,9 +55,10 @@ from aihpc.allocate import (
     Config,
     InfeasibleError,
     candidate_configs,
+    read_csv,
 )
 from aihpc.allocate.simulate import Run, plan_policy, simulate
-from aihpc.files import atomic_path, write_json
+from aihpc.files import atomic_path, write_csv, write_json
 
 OBJECTIVES = ("makespan", "sum", "gpu-hours")
 SOLVERS = ("cbc", "highs")
@@ -211,16 +211,7 @@ def _cell(
 def read_jobs(path: str | os.PathLike[str]) -> list[Job]:
     """Read JOBS.csv: ``name,model,samples[,min_gpus,max_gpus,weight,deadline_s,gpu_types]``."""
     path = Path(path)
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields = reader.fieldnames or []
-            rows = list(reader)
-    except OSError as exc:
-        raise AllocationError(f"{path}: cannot read the jobs CSV: {exc}") from exc
-    missing = [c for c in JOB_COLUMNS if c not in fields]
-    if missing:
-        raise AllocationError(f"{path}: missing column(s) {', '.join(missing)}")
+    rows = read_csv(path, "jobs CSV", JOB_COLUMNS)
     jobs, seen = [], set()
     for row_no, row in enumerate(rows, start=2):
         name = (row["name"] or "").strip()
@@ -258,17 +249,7 @@ def read_jobs(path: str | os.PathLike[str]) -> list[Job]:
 def read_throughput(path: str | os.PathLike[str]) -> dict[tuple[str, str, int, int], float]:
     """Read THR.csv: ``model,gpu_type,nodes,gpus,samples_per_s`` keyed by the first four."""
     path = Path(path)
-    try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields = reader.fieldnames or []
-            rows = list(reader)
-    except OSError as exc:
-        raise AllocationError(f"{path}: cannot read the throughput CSV: {exc}") from exc
-    columns = ("model", "gpu_type", "nodes", "gpus", "samples_per_s")
-    missing = [c for c in columns if c not in fields]
-    if missing:
-        raise AllocationError(f"{path}: missing column(s) {', '.join(missing)}")
+    rows = read_csv(path, "throughput CSV", ("model", "gpu_type", "nodes", "gpus", "samples_per_s"))
     thr = {}
     for row_no, row in enumerate(rows, start=2):
         nodes = _cell(path, row_no, "nodes", row["nodes"], int, 1)
@@ -989,11 +970,7 @@ def write_plan(
     out = Path(out)
     write_json(out, result.to_dict())
     csv_path = out.with_suffix(".csv")
-    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PLAN_COLUMNS)
-        writer.writeheader()
-        for a in result.jobs:
-            writer.writerow(a.to_dict())
+    write_csv(csv_path, (a.to_dict() for a in result.jobs), PLAN_COLUMNS)
     if gantt is not None:
         write_gantt(result, gantt)
     return csv_path

@@ -32,7 +32,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from aihpc.allocate import MAX_GPUS_PER_JOB, AllocationError, Cluster, candidate_configs
-from aihpc.files import atomic_path
+from aihpc.files import write_csv
 
 PARAM_NAMES = ("alpha_c", "beta_c", "alpha_r", "beta_r", "alpha_n", "beta_n", "gamma")
 #: Lower bound of the time parameters (seconds); a parameter the data cannot see is fixed here.
@@ -450,8 +450,5 @@ def throughput_rows(
 
 def write_throughput(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write THR.csv (``model,gpu_type,nodes,gpus,samples_per_s``) atomically."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=THR_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "samples_per_s": f"{row['samples_per_s']:.6g}"})
+    formatted = ({**row, "samples_per_s": f"{row['samples_per_s']:.6g}"} for row in rows)
+    write_csv(path, formatted, THR_COLUMNS)

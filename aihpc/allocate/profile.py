@@ -11,7 +11,6 @@ are the profile CSV :func:`aihpc.allocate.model.read_profiles` reads.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -27,7 +26,7 @@ from aihpc.config import DistributedConfig, ModelConfig
 from aihpc.data import read_stats
 from aihpc.distributed import fit_distributed
 from aihpc.errors import InputError
-from aihpc.files import atomic_path
+from aihpc.files import write_csv
 from aihpc.train import StepTimer, TrainPaths
 
 #: Steps StepTimer discards before timing.
@@ -131,8 +130,5 @@ def profile_model(
 
 def write_profile(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write the profile CSV (``model,gpu_type,nodes,replicas,local_batch,step_time``)."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PROFILE_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "step_time": f"{row['step_time']:.6g}"})
+    formatted = ({**row, "step_time": f"{row['step_time']:.6g}"} for row in rows)
+    write_csv(path, formatted, PROFILE_COLUMNS)
