@@ -183,3 +183,13 @@ def write_preprocessed(directory: Path, *, val_fraction: float = 0.2, seed: int 
     """A preprocessed data directory (the output of ``preprocess``) built from ``raw_cifar()``."""
     preprocess(raw_cifar(), directory, val_fraction=val_fraction, seed=seed)
     return directory
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    """Merge ``changes`` into the nested config dict ``base`` in place; returns ``base``."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base

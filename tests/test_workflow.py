@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from fixtures import deep_update
 
 from aihpc.config import DataConfig, load_config
 from aihpc.data import prepare, read_stats
@@ -24,15 +25,6 @@ BIN = Path(sys.executable).parent
 TINY = ROOT / "tests" / "data" / "fashion-mnist-tiny"
 DATA = "results/fashion-mnist-tiny/data"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def deep_update(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def write_config(workdir: Path, **changes) -> dict:

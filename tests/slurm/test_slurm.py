@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from fixtures import deep_update
 
 from aihpc.config import DataConfig
 from aihpc.data import prepare
@@ -54,15 +55,6 @@ QUICK = {
 }
 
 pytestmark = pytest.mark.slurm
-
-
-def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def write_config(
