@@ -38,7 +38,42 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
             raise
         where = ".".join(str(p) for p in cause.absolute_path) or "(top level)"
         raise ConfigError(f"{source}: field '{where}': {cause.message}") from None
+    _check_model_gpus(config, source)
     return config
+
+
+def _check_model_gpus(config: dict[str, Any], source: str) -> None:
+    """What the schema cannot say about ``models.<name>.gpus``: min <= max, and which form
+    goes with allocate.enabled."""
+    allocating = config["allocate"]["enabled"]
+    for name, entry in config["models"].items():
+        gpus = entry.get("gpus")
+        where = f"{source}: field 'models.{name}.gpus'"
+        if isinstance(gpus, dict):
+            if not allocating:
+                raise ConfigError(
+                    f"{where}: a {{min, max}} range is for the allocator (allocate.enabled: "
+                    f"true); without it give the GPU count to ask for"
+                )
+            low, high = gpus.get("min", 1), gpus.get("max")
+            if high is not None and low > high:
+                raise ConfigError(f"{where}: min {low} > max {high}")
+        elif gpus == 0 and allocating:
+            raise ConfigError(
+                f"{where}: 0 with allocate.enabled: a plan gives every job at least one GPU "
+                f'(or CPU worker on a "cpu" pool); give a count >= 1 or {{min, max}}'
+            )
+
+
+def model_gpu_bounds(config: dict[str, Any], name: str) -> tuple[int, int | None]:
+    """(min, max) GPUs the allocator may plan for model ``name``'s training job, from its
+    validated ``gpus``: a count fixes both, {min, max} bounds them; max None = no bound."""
+    gpus = config["models"][name].get("gpus")
+    if gpus is None:
+        return 1, None
+    if isinstance(gpus, dict):
+        return gpus.get("min", 1), gpus.get("max")
+    return gpus, gpus
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

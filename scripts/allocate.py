@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package in conda envs
 
 from aihpc.allocate.sweep import allocate_sweep, cluster_from_config, sweep_jobs
-from aihpc.config import model_config
+from aihpc.config import model_config, model_gpu_bounds
 from aihpc.data import read_stats
 from aihpc.stage import rule_log
 
@@ -16,7 +16,9 @@ with rule_log(snakemake.log[0]):
     config = {"train": snakemake.params.train, "models": snakemake.params.models}
     stats = read_stats(Path(snakemake.input.stats).parent)
     jobs = sweep_jobs(
-        stats["counts"]["train"], [model_config(config, name) for name in config["models"]]
+        stats["counts"]["train"],
+        [model_config(config, name) for name in config["models"]],
+        {name: model_gpu_bounds(config, name) for name in config["models"]},
     )
     result = allocate_sweep(
         jobs,

@@ -62,7 +62,7 @@ def test_dag_with_allocation(tmp_path):
         assert edge in edges
     out = snakemake(tmp_path, "-n").stdout
     # Before the plan exists the planned resources are unknown, not guessed.
-    assert "gpu=<TBD>, nodes=<TBD>, cpus_per_gpu=<TBD>, runtime=<TBD>" in out
+    assert "gpu=<TBD>, nodes=<TBD>, cpus_per_gpu=<TBD>, runtime=<TBD>, gpu_model=<TBD>" in out
     assert f"{PLAN_DIR}/gantt.png" in out
 
     write_config(tmp_path / "off")  # allocation off (the default): no new rule in the DAG
@@ -119,7 +119,12 @@ def test_rule_fit_scaling(tmp_path):
 @pytest.mark.rule
 def test_rule_allocate(tmp_path):
     train_images = read_stats(prepared(tmp_path))["counts"]["train"]
-    allocating(tmp_path)
+    config = allocating(tmp_path)
+    # Unbounded, resnet_s on both workers then seed_cnn on both is the shortest plan; the
+    # models' gpus bound the plan instead.
+    config["models"]["resnet_s"]["gpus"] = 1
+    config["models"]["seed_cnn"]["gpus"] = {"min": 2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     thr = tmp_path / PLAN_DIR / "throughput.csv"
     thr.parent.mkdir(parents=True)
     thr.write_text(
@@ -128,9 +133,11 @@ def test_rule_allocate(tmp_path):
     )
     snakemake(tmp_path, f"{PLAN_DIR}/allocation.json", rules=("allocate",))
     plan = json.loads((tmp_path / PLAN_DIR / "allocation.json").read_text())
-    assert plan["objective"] == "makespan" and plan["status"] == "optimal"
+    assert plan["objective"] == "makespan"
     jobs = {job["name"]: job for job in plan["jobs"]}
-    assert set(jobs) == set(MODELS)
+    assert {name: job["gpus"] for name, job in jobs.items()} == {"resnet_s": 1, "seed_cnn": 2}
+    # 1 + 2 workers do not fit the 2 side by side: one after the other
+    assert plan["makespan_s"] == pytest.approx(2 * train_images * (1 / 100 + 1 / 700))
     for name, job in jobs.items():  # 2 epochs of the training split at the planned rate
         duration = job["end_s"] - job["start_s"]
         assert duration == pytest.approx(2 * train_images / job["samples_per_s"]), name
@@ -144,16 +151,37 @@ def test_rule_allocate(tmp_path):
 
 def test_train_resources_come_from_the_plan(tmp_path):
     prepared(tmp_path)
-    allocating(tmp_path, cluster={"gpu_types": {"a100": {"nodes": 2, "gpus_per_node": 4}}})
-    config_path = tmp_path / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    config["allocate"]["cpus_per_gpu"] = 8
-    config_path.write_text(yaml.safe_dump(config))
-    write_plan(tmp_path / PLAN_DIR / "allocation.json", {"seed_cnn": ("a100", 1, 4, 3600.0)})
-    target = "results/fashion-mnist-tiny/seed_cnn/model.pt"
-    out = snakemake(tmp_path, "-n", target, rules=("train",)).stdout
-    # runtime: 1 h x margin 1.5 + 5 min overhead
-    assert "gpu=4, nodes=1, cpus_per_gpu=8, runtime=95" in out
+    pools = {
+        "a100": {"nodes": 2, "gpus_per_node": 4},
+        "nvidia-h100": {"nodes": 1, "gpus_per_node": 8, "gpu_model": "h100"},
+        "cpu": {"nodes": 1, "gpus_per_node": 2},
+    }
+    allocating(tmp_path, cluster={"gpu_types": pools}, cpus_per_gpu=8)
+    plan = {
+        "seed_cnn": ("a100", 1, 4, 3600.0),
+        "resnet_s": ("nvidia-h100", 1, 8, 60.0),
+    }
+    write_plan(tmp_path / PLAN_DIR / "allocation.json", plan)
+    targets = [f"results/fashion-mnist-tiny/{m}/model.pt" for m in MODELS]
+    out = snakemake(tmp_path, "-n", *targets, rules=("train",)).stdout
+    # runtime: 1 h x margin 1.5 + 5 min overhead; Slurm's GPU type: the pool's name ...
+    assert "gpu=4, nodes=1, cpus_per_gpu=8, runtime=95, gpu_model=a100" in out
+    # ... or its gpu_model, where the name is not one Slurm takes
+    assert "gpu=8, nodes=1, cpus_per_gpu=8, runtime=7, gpu_model=h100" in out
+
+    write_plan(tmp_path / PLAN_DIR / "allocation.json", {"seed_cnn": ("cpu", 1, 2, 60.0)})
+    out = snakemake(tmp_path, "-n", targets[1], rules=("train",)).stdout
+    assert "gpu=0, nodes=1, cpus_per_gpu=8, runtime=7" in out and "gpu_model" not in out
+
+
+def test_gpu_type_slurm_cannot_name_fails_at_parse(tmp_path):
+    pools = {"nvidia-a100": {"nodes": 1, "gpus_per_node": 4}}
+    allocating(tmp_path, cluster={"gpu_types": pools})
+    result = snakemake(tmp_path, "-n", check=False)
+    assert result.returncode != 0
+    assert "allocate.cluster.gpu_types.nvidia-a100: 'nvidia-a100' is not a GPU type" in (
+        result.stdout + result.stderr
+    )
 
 
 @pytest.mark.rule
@@ -174,27 +202,39 @@ def test_rule_train_workers_from_plan(tmp_path):
 def test_train_settings(tmp_path):
     plan = tmp_path / "allocation.json"
     write_plan(plan, {"m": ("cpu", 1, 2, 61.0), "g": ("h100", 2, 8, 600.0)})
-    cfg = {"cpus_per_gpu": 4, "runtime_margin": 2.0, "runtime_overhead_min": 1}
+    pools = {"cpu": {"nodes": 1, "gpus_per_node": 2}, "h100": {"nodes": 2, "gpus_per_node": 8}}
+    cfg = {
+        "cpus_per_gpu": 4,
+        "runtime_margin": 2.0,
+        "runtime_overhead_min": 1,
+        "cluster": {"gpu_types": pools},
+    }
     dist = {"cluster": "connect", "workers": 1, "timeout_s": 60}
     cpu = train_settings(plan, "m", cfg, dist)
-    assert cpu["gpu"] == 0 and cpu["distributed"]["workers"] == 2
+    assert cpu["gpu"] == 0 and cpu["gpu_model"] is None and cpu["distributed"]["workers"] == 2
     assert cpu["runtime"] == math.ceil(61 * 2 / 60 + 1)
     gpu = train_settings(plan, "g", cfg, dist)
     assert (gpu["gpu"], gpu["nodes"], gpu["cpus_per_gpu"], gpu["runtime"]) == (8, 2, 4, 21)
+    assert gpu["gpu_model"] == "h100"
     assert gpu["distributed"] == {**dist, "workers": 8}
     assert gpu["predicted_train_seconds"] == 600.0
     with pytest.raises(AllocationError, match="no job 'other'"):
         train_settings(plan, "other", cfg, dist)
     with pytest.raises(FileNotFoundError):  # Snakemake's cue to defer (<TBD>)
         train_settings(tmp_path / "missing.json", "m", cfg, dist)
+    # A plan of another cluster (a stale plan) names the type and what to do.
+    other = {**cfg, "cluster": {"gpu_types": {"cpu": pools["cpu"]}}}
+    with pytest.raises(AllocationError, match=r"GPU type 'h100'.*re-run rule allocate"):
+        train_settings(plan, "g", other, dist)
 
 
 def test_sweep_jobs_count_epochs_and_batch_limits():
     full = ModelConfig("a", "seed_cnn", train=TrainConfig(epochs=3))
     capped = TrainConfig(epochs=2, batch_size=10, limit_train_batches=5)  # 50 a epoch
     limited = ModelConfig("b", "seed_cnn", train=capped)
-    jobs = sweep_jobs(1000, [full, limited])
+    jobs = sweep_jobs(1000, [full, limited], {"a": (1, None), "b": (2, 4)})
     assert [(j.name, j.model, j.samples) for j in jobs] == [("a", "a", 3000), ("b", "b", 100)]
+    assert [(j.min_gpus, j.max_gpus) for j in jobs] == [(1, None), (2, 4)]
 
 
 def test_profile_run_schedule():

@@ -9,6 +9,7 @@ from aihpc.config import (
     evaluate_config,
     load_config,
     model_config,
+    model_gpu_bounds,
     validate_config,
 )
 
@@ -81,3 +82,37 @@ def test_shipped_configs_are_valid(name):
 def test_unknown_model_variant():
     with pytest.raises(ConfigError, match="unknown model variant 'nope'"):
         model_config(validate_config(minimal()), "nope")
+
+
+def allocating(gpus, enabled: bool = True) -> dict:
+    config = minimal()
+    config["models"]["net"]["gpus"] = gpus
+    config["allocate"] = {"enabled": enabled}
+    return config
+
+
+@pytest.mark.parametrize(
+    ("gpus", "bounds"),
+    [(None, (1, None)), (4, (4, 4)), ({"min": 2}, (2, None)), ({"min": 2, "max": 8}, (2, 8))],
+)
+def test_model_gpus_bound_the_plan(gpus, bounds):
+    config = minimal() if gpus is None else allocating(gpus)
+    assert model_gpu_bounds(validate_config(config), "net") == bounds
+
+
+@pytest.mark.parametrize(
+    ("gpus", "enabled", "message"),
+    [
+        ({"min": 4, "max": 2}, True, "models.net.gpus': min 4 > max 2"),
+        ({"min": 2}, False, "models.net.gpus': a {min, max} range is for the allocator"),
+        (0, True, "models.net.gpus': 0 with allocate.enabled"),
+        ({}, True, "models.net.gpus': {} should be non-empty"),
+        ({"mx": 2}, True, "models.net.gpus': Additional properties are not allowed ('mx'"),
+        ({"min": 0}, True, "models.net.gpus.min': 0 is less than the minimum of 1"),
+        (-1, False, "models.net.gpus': -1 is less than the minimum of 0"),
+        ("2", True, "models.net.gpus': '2' is not of type 'integer', 'object'"),
+    ],
+)
+def test_model_gpus_errors_name_the_field(gpus, enabled, message):
+    with pytest.raises(ConfigError, match=re.escape(f"my.yaml: field '{message}")):
+        validate_config(allocating(gpus, enabled), "my.yaml")

@@ -68,16 +68,26 @@ def samples_per_epoch(train_images: int, model_cfg: ModelConfig) -> int:
     return min(train_images, limit * model_cfg.train.batch_size)
 
 
-def sweep_jobs(train_images: int, models: Iterable[ModelConfig]) -> list[ilp.Job]:
-    """One job per model of the sweep, named after it: epochs x samples per epoch."""
-    return [
-        ilp.Job(
-            name=cfg.name,
-            model=cfg.name,
-            samples=float(cfg.train.epochs * samples_per_epoch(train_images, cfg)),
+def sweep_jobs(
+    train_images: int,
+    models: Iterable[ModelConfig],
+    gpu_bounds: Mapping[str, tuple[int, int | None]],
+) -> list[ilp.Job]:
+    """One job per model of the sweep, named after it: epochs x samples per epoch, between
+    the (min, max) GPUs of ``gpu_bounds`` (:func:`aihpc.config.model_gpu_bounds`)."""
+    jobs = []
+    for cfg in models:
+        low, high = gpu_bounds[cfg.name]
+        jobs.append(
+            ilp.Job(
+                name=cfg.name,
+                model=cfg.name,
+                samples=float(cfg.train.epochs * samples_per_epoch(train_images, cfg)),
+                min_gpus=low,
+                max_gpus=high,
+            )
         )
-        for cfg in models
-    ]
+    return jobs
 
 
 def allocate_sweep(

@@ -3,7 +3,7 @@ import re
 
 from snakemake.utils import min_version
 
-from aihpc.allocate.planned import train_settings
+from aihpc.allocate.planned import slurm_gpu_model, train_settings
 from aihpc.config import compress_stages, finetune_config, validate_config
 from aihpc.data import source_files
 
@@ -73,7 +73,10 @@ def train_gpus(wildcards):
 ALLOCATE = config["allocate"]
 PLAN_DIR = f"{RESULTS}/plan"
 PLAN = f"{PLAN_DIR}/allocation.json"
-PLANNED_RESOURCES = ("gpu", "nodes", "cpus_per_gpu", "runtime")
+PLANNED_RESOURCES = ("gpu", "nodes", "cpus_per_gpu", "runtime", "gpu_model")
+if ALLOCATE["enabled"]:  # a GPU type Slurm cannot name fails now, not after profiling
+    for pool in ALLOCATE["cluster"]["gpu_types"]:
+        slurm_gpu_model(ALLOCATE["cluster"], pool)
 
 
 def allocation_plan(wildcards):
@@ -94,7 +97,8 @@ def from_plan(key, default):
 
 def train_resources():
     """train's scheduler resources: its GPUs (train_gpus), or with allocation on the GPUs,
-    nodes, CPUs per GPU and runtime (minutes) of its planned job; 4 h without a plan."""
+    nodes, CPUs per GPU, runtime (minutes) and Slurm GPU type (none on CPU workers) of its
+    planned job; 4 h without a plan."""
     if not ALLOCATE["enabled"]:
         # A default here, not in a profile's set-resources: that would override the plan's.
         return {"gpu": train_gpus, "runtime": 240}
