@@ -8,6 +8,7 @@ the jobs still request GPUs from Slurm.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import signal
@@ -240,6 +241,38 @@ def test_training_job_gets_the_gpus_it_asks_for(slurm_cluster: None, tmp_path: P
     # has SLURM_STEP_GPUS.
     assert len(allocation["SLURM_STEP_GPUS"].split(",")) == 2, allocation
     assert meta["world_size"] == 2 and meta["accelerator"] == "cpu"
+
+
+def test_planned_training_job_gets_the_planned_gpu_type(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    # Allocation on: the plan (written here, as rule allocate would) puts seed_cnn on two
+    # GPUs of the cluster's type; no AIHPC_SLURM_GPU_MODEL, the type comes from the plan.
+    allocate = {
+        "enabled": True,
+        "cluster": {"gpu_types": {GPU_TYPE: {"nodes": 1, "gpus_per_node": 4}}},
+    }
+    write_config(
+        tmp_path, seed_cnn(), train={"epochs": 1, "accelerator": "cpu"}, allocate=allocate, **QUICK
+    )
+    prepared(tmp_path)
+    job = {
+        "name": "seed_cnn",
+        "gpu_type": GPU_TYPE,
+        "nodes": 1,
+        "gpus": 2,
+        "start_s": 0.0,
+        "end_s": 60.0,
+    }
+    plan = tmp_path / "results" / "plan" / "allocation.json"
+    plan.parent.mkdir(parents=True)
+    plan.write_text(json.dumps({"status": "optimal", "jobs": [job]}))
+    target = f"results/{DATASET}/seed_cnn/model.pt"
+    run = succeeded(Workflow(tmp_path, target, "--allowed-rules", "train").wait())
+
+    (jobid,) = run.jobids
+    assert job_detail(jobid)["TresPerJob"] == f"gres:gpu:{GPU_TYPE}:2"
+    assert model_meta(tmp_path, "seed_cnn")["world_size"] == 2  # one Dask worker per GPU
 
 
 def test_more_gpus_than_the_cluster_has_fails_at_submission(
