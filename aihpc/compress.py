@@ -41,11 +41,12 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn.utils import prune
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from aihpc.config import QUANT_MODES, ModelConfig
+from aihpc.config import QUANT_MODES, DistillConfig, ModelConfig
 from aihpc.data import load_split
 from aihpc.errors import InputError
-from aihpc.files import atomic_path
+from aihpc.files import atomic_path, file_sha256
 from aihpc.models import ResidualBlock, build_model, load_artifact, save_artifact
 
 PRUNE_METHODS = ("structured", "unstructured")
@@ -511,17 +512,32 @@ def finetune(
     *,
     threads: int | None = None,
     gradual_steps: int = 4,
+    teacher: Path | None = None,
+    distill: DistillConfig | None = None,
 ) -> dict[str, Any]:
     """The fine-tune stage: a short :func:`aihpc.train.fit` from the pruned weights
     (``init_from``), with the masks kept (unstructured) and the L1 penalty if configured.
-    ``paths`` is an :class:`aihpc.train.TrainPaths`; an unstructured model is written in the
-    ``sparse`` format. Returns the run record."""
-    from aihpc.train import fit
+    With ``distill.weight`` > 0, the loss distills from ``teacher``: the artifact of the
+    trained model the variant was pruned from (frozen, fp32). ``paths`` is an
+    :class:`aihpc.train.TrainPaths`; an unstructured model is written in the ``sparse``
+    format. Returns the run record."""
+    from aihpc.train import Distillation, fit
 
     record = torch.load(pruned_path, map_location="cpu", weights_only=True)
     expect_artifact(pruned_path, record, variant=model_cfg.name, formats=("dense",))
     meta = record["meta"]
     method, ratio = check_method(meta["prune_method"]), check_ratio(meta["prune_ratio"])
+    distill = distill or DistillConfig()
+    distillation = None
+    if distill.weight > 0:
+        if teacher is None:
+            raise InputError(f"{model_cfg.name}: compress.distill.weight > 0 needs a teacher")
+        distillation = Distillation(
+            _teacher_of(teacher, meta),
+            file_sha256(teacher),
+            temperature=distill.temperature,
+            weight=distill.weight,
+        )
     callbacks: list[Callback] = []
     if meta.get("prune_l1"):
         callbacks.append(L1Penalty(meta["prune_l1"]))
@@ -535,6 +551,8 @@ def finetune(
         "quant": "fp32",
         "finetune_epochs": model_cfg.train.epochs,
         "params_before": meta.get("params_before"),
+        "distill_weight": distill.weight,
+        "distill_temperature": distill.temperature if distillation else None,
     }
     if method != "unstructured":
         return fit(
@@ -544,6 +562,7 @@ def finetune(
             init_from=pruned_path,
             callbacks=callbacks,
             extra_meta=extra_meta,
+            distill=distillation,
         )
     dense = Path(paths.work_dir) / "finetuned-dense.pt"
     result = fit(
@@ -553,6 +572,7 @@ def finetune(
         init_from=pruned_path,
         callbacks=callbacks,
         extra_meta=extra_meta,
+        distill=distillation,
     )
     net, dense_record = load_artifact(dense)
     zeros, total = prunable_zeros(net)
@@ -569,6 +589,61 @@ def finetune(
     dense.unlink()
     print(f"{model_cfg.name}: conv/linear sparsity after fine-tuning {zeros / total:.4f}")
     return result
+
+
+def _teacher_of(path: Path, pruned_meta: dict[str, Any]) -> nn.Module:
+    """The trained model a pruned variant came from, checked to be that very model: a dense
+    artifact of the variant's ``model`` whose training run (config hash) is the one the
+    pruned artifact's meta inherited."""
+    teacher, record = load_artifact(path)
+    expect_artifact(path, record, variant=pruned_meta["model"], formats=("dense",))
+    trained = pruned_meta.get("config_hash")
+    if record["meta"].get("config_hash") != trained:
+        raise InputError(
+            f"{path}: teacher from training run {record['meta'].get('config_hash')!r}, but the "
+            f"variant was pruned from run {trained!r} (retrain or re-prune)"
+        )
+    return teacher
+
+
+# --- export-time rewrites ------------------------------------------------------------------
+
+
+def fold_bn_through_max_pools(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` (in eval mode) in which every ``Conv2d -> max-pool -> BatchNorm2d``
+    run inside an ``nn.Sequential`` becomes ``Conv2d (the BN folded in) -> max-pool``.
+
+    Exact: an eval-mode BN is the per-channel map ``s * x + b``; where every ``s > 0`` it is
+    increasing, so it commutes with taking a maximum. ``resnet_s`` pools between each stage's
+    convolution and its BN, where no conv-BN fusion (Inductor's, PT2E's) finds the pair; int8
+    then quantises and dequantises around each such BN. A BN with some ``s <= 0`` (max would
+    turn into min there) stays where it is. Returns the copy and the names of the folded
+    BNs."""
+    if model.training:
+        raise ValueError("folding batch norms needs a model in eval mode (running statistics)")
+    model = copy.deepcopy(model)
+    folded = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 2):
+            conv, pool, bn = seq[i], seq[i + 1], seq[i + 2]
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(pool, nn.MaxPool2d | nn.AdaptiveMaxPool2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.running_var is not None
+            ):
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.detach()
+            if not bool((scale > 0).all()):
+                continue
+            seq[i] = fuse_conv_bn_eval(conv, bn)
+            seq[i + 2] = nn.Identity()
+            folded.append(f"{name}.{i + 2}" if name else str(i + 2))
+    return model, folded
 
 
 # --- quantisation ----------------------------------------------------------------------------

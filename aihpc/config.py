@@ -206,6 +206,18 @@ class CompressStage:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the unpruned model while fine-tuning (weight 0: off)."""
+
+    weight: float = 0.0
+    temperature: float = 4.0
+
+
+def distill_config(config: dict[str, Any]) -> DistillConfig:
+    return DistillConfig(**config.get("compress", {}).get("distill", {}))
+
+
 def prune_token(prune: dict[str, Any]) -> str:
     """``struct0.5``, ``unstruct0.8``; ``g`` marks a gradual schedule, ``_lam<l1>`` a penalty."""
     token = f"{PRUNE_TOKENS[prune['method']]}{float(prune['ratio']):g}"

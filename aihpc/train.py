@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment, LightningEnvironment
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -148,14 +149,59 @@ class StepTimer(Callback):
         return statistics.median(self.times) if self.times else None
 
 
+class Distillation:
+    """Knowledge distillation (Hinton et al., 2015): the training loss becomes
+    ``(1 - weight) * hard + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+    ``hard`` the usual cross-entropy and ``T`` the temperature (the ``T^2`` keeps the soft
+    term's gradients on the hard term's scale). The teacher is frozen in eval mode (its batch
+    norms use their running statistics) and sees the same augmented batch as the student.
+
+    ``teacher_id`` names the teacher's weights (e.g. its artifact's digest): with the
+    settings it keys :func:`fit`'s resumable run. Not an ``nn.Module``: as a plain attribute
+    of the LightningModule the teacher stays out of its parameters, checkpoints and
+    ``train()``/``eval()`` switches."""
+
+    def __init__(
+        self, teacher: nn.Module, teacher_id: str, *, temperature: float, weight: float
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        if not 0 < weight <= 1:
+            raise ValueError(f"distillation weight must be in (0, 1], got {weight}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature, self.weight = float(temperature), float(weight)
+        self.settings = {"teacher": teacher_id, "temperature": temperature, "weight": weight}
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.teacher.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(x) / self.temperature, dim=1)
+        soft = F.kl_div(
+            F.log_softmax(logits / self.temperature, dim=1),
+            target,
+            reduction="batchmean",
+            log_target=True,
+        )
+        return (1 - self.weight) * hard + self.weight * self.temperature**2 * soft
+
+
 class ImageClassifier(pl.LightningModule):
-    def __init__(self, spec: dict[str, Any], train: dict[str, Any]) -> None:
+    def __init__(
+        self, spec: dict[str, Any], train: dict[str, Any], distill: Distillation | None = None
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["distill"])
         self.cfg = TrainConfig(**train)
         # channels_last: the oneDNN (CPU) and cuDNN conv kernels are fastest in NHWC.
         self.model = build_model(spec).to(memory_format=torch.channels_last)
         self.val_acc = MulticlassAccuracy(num_classes=spec["num_classes"], average="micro")
+        self.distill = distill
+
+    def on_fit_start(self) -> None:
+        if self.distill is not None:  # the student's device and dtype are final by now
+            self.distill.to(self.device, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -174,9 +220,11 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, y = batch
-        loss = F.cross_entropy(
-            self(self.to_input(images)), y, label_smoothing=self.cfg.label_smoothing
-        )
+        x = self.to_input(images)
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        if self.distill is not None:
+            loss = self.distill.loss(x, logits, loss)
         # sync_dist: the epoch mean over all ranks (one all-reduce per epoch, not per step).
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
@@ -272,6 +320,7 @@ def fit(
     init_from: Path | None = None,
     callbacks: Sequence[Callback] = (),
     extra_meta: dict[str, Any] | None = None,
+    distill: Distillation | None = None,
 ) -> dict[str, Any]:
     """Train ``model_cfg`` on the arrays in ``paths.data_dir``; write the artifact and curves.
 
@@ -280,7 +329,8 @@ def fit(
     global rank 0 writes outputs. ``init_from`` starts from an artifact's architecture and
     weights instead of a fresh ``model_cfg.arch`` (fine-tuning a pruned model);
     ``callbacks`` join Lightning's (e.g. keeping pruning masks); ``extra_meta`` is added to
-    the record. Returns the run record (also stored in the artifact).
+    the record; ``distill`` adds a knowledge-distillation term to the loss. Returns the run
+    record (also stored in the artifact).
     """
     cfg = model_cfg.train
     stats = read_stats(paths.data_dir)
@@ -290,6 +340,8 @@ def fit(
             "model": model_cfg.as_dict(),
             "data_sha256": stats["data_sha256"],
             "init_sha256": file_sha256(init_from) if init_from is not None else None,
+            # Only when distilling, so the keys (and resumable runs) of other runs stay as-is.
+            **({"distill": distill.settings} if distill is not None else {}),
         }
     )
     if threads:
@@ -298,7 +350,7 @@ def fit(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     spec = init["spec"] if init else model_spec(model_cfg.arch, stats, **model_cfg.kwargs)
-    module = ImageClassifier(spec, asdict(cfg))
+    module = ImageClassifier(spec, asdict(cfg), distill)
     if init:
         module.model.load_state_dict(init["state_dict"])
     datamodule = ArrayDataModule(paths.data_dir, cfg.batch_size, seed=cfg.seed)

@@ -16,6 +16,8 @@ fine-tuned and quantised variants against the eager and the compiled fp32 model.
     .venv/bin/python bench/compress.py --skip-workflow   # re-time an earlier sweep only
     .venv/bin/python bench/compress.py --sweep best --finetune-epochs 10 \\
         --workdir work/bench-compress-long               # the goal's variant, longer fine-tune
+    .venv/bin/python bench/compress.py --sweep best --distill-weight 0.9 \\
+        --workdir work/bench-compress-kd                 # ... distilled from the unpruned model
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ SWEEPS = {"wide": SWEEP, "best": [SWEEP[1]]}
 BATCHES = (1, 256)
 
 
-def run_workflow(config_path: Path, workdir: Path, cores: int, sweep: str, finetune: dict) -> Path:
+def run_workflow(
+    config_path: Path, workdir: Path, cores: int, sweep: str, finetune: dict, distill: dict
+) -> Path:
     """The workflow on the config with the chosen sweep; returns the summary CSV."""
     config = load_config(config_path)
     model = next(iter(config["models"]))
     config["compress"]["variants"] = [{"model": model, **entry} for entry in SWEEPS[sweep]]
     config["compress"]["finetune"].update(finetune)
+    config["compress"]["distill"].update(distill)
     results = Path(config["results"])
     dataset = config["data"]["name"]
     config["results"] = "results"
@@ -178,6 +183,10 @@ def main() -> None:
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="wide")
     parser.add_argument("--finetune-epochs", type=int, help="override compress.finetune.epochs")
     parser.add_argument("--finetune-lr", type=float, help="override compress.finetune.lr")
+    parser.add_argument("--distill-weight", type=float, help="override compress.distill.weight")
+    parser.add_argument(
+        "--distill-temperature", type=float, help="override compress.distill.temperature"
+    )
     parser.add_argument("--skip-workflow", action="store_true")
     parser.add_argument("--cpp-wrapper", action="store_true", help="Inductor's C++ wrapper")
     args = parser.parse_args()
@@ -186,7 +195,11 @@ def main() -> None:
     if not args.skip_workflow:
         finetune = {"epochs": args.finetune_epochs, "lr": args.finetune_lr}
         finetune = {k: v for k, v in finetune.items() if v is not None}
-        summary_csv = run_workflow(args.config, args.workdir, args.cores, args.sweep, finetune)
+        distill = {"weight": args.distill_weight, "temperature": args.distill_temperature}
+        distill = {k: v for k, v in distill.items() if v is not None}
+        summary_csv = run_workflow(
+            args.config, args.workdir, args.cores, args.sweep, finetune, distill
+        )
     summary = pd.read_csv(summary_csv)
     dataset = summary["dataset"].iloc[0]
     timing = retime(

@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package in conda envs
 
 from aihpc.compress import finetune
-from aihpc.config import ModelConfig, TrainConfig
+from aihpc.config import DistillConfig, ModelConfig, TrainConfig
 from aihpc.stage import rule_log
 from aihpc.train import TrainPaths
 
@@ -26,4 +26,6 @@ with rule_log(snakemake.log[0]):
         model_cfg,
         threads=snakemake.threads,
         gradual_steps=snakemake.params.gradual_steps,
+        teacher=Path(snakemake.input.teacher),
+        distill=DistillConfig(**snakemake.params.distill),
     )

@@ -25,17 +25,26 @@ from aihpc.compress import (
     compile_for_cpu,
     decode_sparse,
     encode_sparse,
+    finetune,
     prunable_zeros,
     prune_artifact,
     prune_structured,
     prune_unstructured,
     quantize_model,
 )
-from aihpc.config import ConfigError, compress_stages, load_config, model_config, validate_config
+from aihpc.config import (
+    ConfigError,
+    DistillConfig,
+    compress_stages,
+    finetune_config,
+    load_config,
+    model_config,
+    validate_config,
+)
 from aihpc.data import load_split
 from aihpc.errors import InputError
 from aihpc.evaluate import evaluate_model, to_input
-from aihpc.train import TrainPaths, fit
+from aihpc.train import Distillation, TrainPaths, fit
 
 RESULTS = Path("results/fashion-mnist-tiny")
 STATS = {"image_shape": [28, 28, 1], "num_classes": 10, "mean": [0.3], "std": [0.35]}
@@ -410,6 +419,72 @@ def test_rule_finetune_keeps_gradual_sparsity_exactly(trained, tmp_path):
     assert changed
     curves = pd.read_csv(workdir / RESULTS / name / "metrics.csv")
     assert curves["val_acc"].dropna().size == 1
+
+
+def test_distillation_loss_and_frozen_teacher():
+    student, _ = random_model()
+    teacher = copy.deepcopy(student).train()
+    distill = Distillation(teacher, "t", temperature=2.0, weight=0.75)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = torch.rand(8, 1, 28, 28)
+    hard = torch.tensor(2.0)
+    # A student that equals its teacher has nothing left to learn from it.
+    assert distill.loss(x, teacher(x), hard).item() == pytest.approx(0.25 * 2.0, abs=1e-6)
+    logits = torch.randn(8, 10, requires_grad=True)
+    p_teacher = torch.softmax(teacher(x) / 2.0, dim=1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits / 2.0, dim=1))).sum(1).mean()
+    loss = distill.loss(x, logits, hard)
+    assert loss.item() == pytest.approx(0.25 * 2.0 + 0.75 * 4.0 * kl.item(), rel=1e-5)
+    loss.backward()
+    assert logits.grad is not None and all(p.grad is None for p in teacher.parameters())
+
+
+def kl_to_teacher(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(images), dim=1)
+        log_q = torch.log_softmax(student(images), dim=1)
+        return float((target.exp() * (target - log_q)).sum(1).mean())
+
+
+@pytest.mark.rule
+def test_rule_finetune_distills_from_the_unpruned_model(trained, tmp_path):
+    distill = {"weight": 1.0, "temperature": 1.0}
+    finetuning = {"epochs": 3, "lr": 0.05}
+    workdir = copy_workdir(trained, tmp_path, compress={"distill": distill, "finetune": finetuning})
+    name = "resnet_s-struct0.5"
+    teacher_path = workdir / RESULTS / "resnet_s" / "model.pt"
+    pruned = workdir / RESULTS / name / "pruned.pt"
+    prune_artifact(
+        teacher_path, pruned, variant=name, model="resnet_s", method="structured", ratio=0.5
+    )
+    snakemake(workdir, str(RESULTS / name / "model.pt"), rules=("finetune",))
+    distilled, record = models.load_artifact(workdir / RESULTS / name / "model.pt")
+    assert (record["meta"]["distill_weight"], record["meta"]["distill_temperature"]) == (1.0, 1.0)
+
+    # The same fine-tuning on the labels alone, for comparison.
+    config = load_config(workdir / "config.yaml")
+    out = tmp_path / "plain"
+    plain_paths = TrainPaths(workdir / DATA, out / "model.pt", out / "metrics.csv", out / "work")
+    stage = compress_stages(config)[name]
+    finetune(pruned, plain_paths, finetune_config(config, stage), threads=2)
+    plain, _ = models.load_artifact(out / "model.pt")
+
+    teacher, _ = models.load_artifact(teacher_path)
+    images = to_input(load_split(workdir / DATA, "val")[0])
+    assert kl_to_teacher(distilled, teacher, images) < 0.7 * kl_to_teacher(plain, teacher, images)
+
+    # A teacher from another training run than the one the variant was pruned from.
+    other = torch.load(teacher_path, weights_only=True)
+    other["meta"]["config_hash"] = "another-run"
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="pruned from run"):
+        finetune(
+            pruned,
+            plain_paths,
+            finetune_config(config, stage),
+            teacher=tmp_path / "other.pt",
+            distill=DistillConfig(weight=0.5),
+        )
 
 
 @pytest.mark.rule

@@ -6,6 +6,8 @@ import yaml
 
 from aihpc.config import (
     ConfigError,
+    DistillConfig,
+    distill_config,
     evaluate_config,
     load_config,
     model_config,
@@ -29,6 +31,7 @@ def test_defaults_are_filled():
     assert config["train"]["epochs"] == 10
     assert config["evaluate"]["latency_batch_sizes"] == [1, 256]
     assert config["models"]["net"]["kwargs"] == {}
+    assert distill_config(config) == DistillConfig(weight=0.0, temperature=4.0)
 
 
 def test_model_train_block_overrides_only_what_it_sets():
@@ -53,6 +56,12 @@ def test_model_train_block_overrides_only_what_it_sets():
         (lambda c: c["models"].update({"bad-name": {"arch": "seed_cnn"}}), "models"),
         (lambda c: c["data"].pop("root"), "data"),
         (lambda c: c.update(extra=1), "(top level)"),
+        (lambda c: c.update(compress={"distill": {"weight": 1.5}}), "compress.distill.weight"),
+        (
+            lambda c: c.update(compress={"distill": {"temperature": 0}}),
+            "compress.distill.temperature",
+        ),
+        (lambda c: c.update(compress={"distill": {"alpha": 0.5}}), "compress.distill"),
     ],
 )
 def test_schema_violations_name_the_field(change, field):

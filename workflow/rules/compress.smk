@@ -29,6 +29,8 @@ rule finetune:
     input:
         model=f"{RESULTS}/{DATASET}/{{pruned}}/pruned.pt",
         data=preprocessed("train", "val"),
+        # The distillation teacher (compress.distill): the trained model it was pruned from.
+        teacher=lambda wildcards: f"{RESULTS}/{DATASET}/{COMPRESSED[wildcards.pruned].model}/model.pt",
     output:
         model=f"{RESULTS}/{DATASET}/{{pruned}}/model.pt",
         metrics=f"{RESULTS}/{DATASET}/{{pruned}}/metrics.csv",
@@ -45,6 +47,7 @@ rule finetune:
             config, COMPRESSED[wildcards.pruned]
         ).as_dict(),
         gradual_steps=config["compress"]["gradual_steps"],
+        distill=config["compress"]["distill"],
     script:
         "../../scripts/finetune.py"
 
