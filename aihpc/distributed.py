@@ -118,6 +118,14 @@ def dask_cluster(cfg: DistributedConfig, scratch_dir: Path) -> Iterator[Any]:
         # The statistical profiler samples every thread's stack every 10 ms, taking the GIL
         # from the training thread each time.
         "distributed.worker.profile.enabled": False,
+        # Every Dask event loop checks its own health every 20 ms; in a rank's worker each
+        # check takes the GIL from the training thread (2-rank step 171 -> 161 ms at 1 s).
+        "distributed.admin.tick.interval": "1s",
+        # The nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers (and into this
+        # process's os.environ, hence into any process started from it later). In a process
+        # that starts with it, glibc maps and unmaps every large tensor buffer on each step:
+        # a 2-rank training step took 229 ms instead of 143 ms (docs/benchmarks.md).
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     }
     with dask.config.set(settings):
         if cfg.cluster == "connect":

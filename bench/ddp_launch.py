@@ -7,6 +7,13 @@ per-rank batch and one torch thread per rank, and report the median step time af
 warm-up (aihpc.train.StepTimer; the plain loop times its steps the same way). Variants
 alternate over several rounds in one invocation; ratios are of medians.
 
+The torchrun children get the environment this process had before any Dask cluster
+started (plus OMP_NUM_THREADS=1): a Dask nanny exports its pre-spawn variables into the
+driver's os.environ, and glibc honours MALLOC_TRIM_THRESHOLD_ in a freshly started
+process (not in a forked Dask worker), which once made the torchrun ranks 1.6x slower.
+Every rank reports its torch thread count and malloc/OpenMP variables; the benchmark
+stops if the launchers differ.
+
     .venv/bin/python bench/ddp_launch.py [--rounds 3] [--epochs 1] [--train-images 6144]
 """
 
@@ -20,12 +27,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+import aihpc  # noqa: F401  (sets the package's OMP_WAIT_POLICY default before torch loads)
+
 BATCH = 128  # per rank
 THREADS = 1  # per rank
+# What the ranks of every launcher must agree on.
+ENV_KEYS = ("OMP_WAIT_POLICY", "MALLOC_TRIM_THRESHOLD_")
+# The environment before any Dask cluster touched os.environ.
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+
+
+def rank_settings(threads: int, env: Mapping[str, str] = os.environ) -> dict:
+    """What a rank runs with that changes its speed: torch threads and the variables that
+    the OpenMP runtime and glibc read when the process starts."""
+    return {"threads": threads, **{key: env.get(key) for key in ENV_KEYS}}
 
 
 def make_data(root: Path, n_train: int) -> Path:
@@ -69,6 +89,8 @@ def run_dask(data: Path, work: Path, epochs: int, workers: int) -> dict:
     )
     setup = max(r["wall_seconds"] - r["train_seconds"] for r in record["ranks"])
     return {
+        # Forked workers keep the OpenMP and malloc state this process set up at start.
+        "settings": rank_settings(record["ranks"][0]["threads"], LAUNCH_ENV),
         "step_time_s": record["step_time_s"],
         "cluster_start_s": record["cluster_start_seconds"],
         "rank_setup_s": setup,  # process-group init + Lightning setup inside the ranks
@@ -85,8 +107,9 @@ def run_torchrun(mode: str, data: Path, work: Path, epochs: int) -> dict:
         __file__, "--child", mode, "--data", str(data), "--work", str(work),
         "--epochs", str(epochs), "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cmd, check=True, env=LAUNCH_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return json.loads(out.read_text())
 
 
@@ -119,7 +142,7 @@ def child_lightning(data: Path, work: Path, epochs: int) -> dict:
         strategy=strategy,
         num_nodes=world,
     )
-    return {"step_time_s": record["step_time_s"]}
+    return {"step_time_s": record["step_time_s"], "settings": rank_settings(record["threads"])}
 
 
 def child_plain(data: Path, epochs: int) -> dict:
@@ -161,7 +184,10 @@ def child_plain(data: Path, epochs: int) -> dict:
             if step > 5:  # the same warm-up StepTimer skips
                 times.append(time.perf_counter() - started)
     dist.destroy_process_group()
-    return {"step_time_s": statistics.median(times)}
+    return {
+        "step_time_s": statistics.median(times),
+        "settings": rank_settings(torch.get_num_threads()),
+    }
 
 
 def main() -> None:
@@ -202,6 +228,11 @@ def main() -> None:
                     mode = "lightning" if "Lightning" in label else "plain"
                     result = run_torchrun(mode, data, work, args.epochs)
                 results[label].append(result)
+
+    settings = {json.dumps(r["settings"], sort_keys=True) for rs in results.values() for r in rs}
+    if len(settings) != 1:
+        sys.exit(f"launchers ran with different settings, not comparable: {sorted(settings)}")
+    print(f"every rank: {settings.pop()}; load average {os.getloadavg()[0]:.2f}")
 
     def median(label: str, key: str) -> float:
         return statistics.median(r[key] for r in results[label])

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from aihpc.config import DistributedConfig, ModelConfig, TrainConfig
-from aihpc.distributed import DaskClusterEnvironment, RankFailure, fit_distributed, train_model
+from aihpc.distributed import (
+    DaskClusterEnvironment,
+    RankFailure,
+    dask_cluster,
+    fit_distributed,
+    train_model,
+)
 from aihpc.models import load_artifact
 from aihpc.train import TrainPaths, fit
 
@@ -148,6 +154,20 @@ def test_killed_worker_fails_fast_and_the_rerun_resumes(tmp_path, preprocessed_d
         assert torch.allclose(resumed_weights[name], tensor, atol=1e-6), name
     curves = pd.read_csv(run.metrics_out)
     assert sorted(curves["epoch"].unique()) == list(range(40))
+
+
+def _trim_threshold() -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_cluster_leaves_glibc_malloc_alone(tmp_path, monkeypatch):
+    # Dask's default MALLOC_TRIM_THRESHOLD_ makes a freshly started process map and unmap
+    # every large tensor buffer each step (1.6x slower training steps): neither the
+    # workers nor processes later started from the driver may inherit it.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_cluster(DistributedConfig(workers=2), tmp_path / "dask") as client:
+        assert set(client.run(_trim_threshold).values()) == {None}
+    assert _trim_threshold() is None
 
 
 def test_train_model_runs_one_process_for_one_worker(tmp_path, preprocessed_dir):
