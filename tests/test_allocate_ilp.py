@@ -10,7 +10,15 @@ import pytest
 
 from aihpc.allocate import Cluster, GpuType, InfeasibleError, candidate_configs
 from aihpc.allocate import model as tm
-from aihpc.allocate.ilp import Job, job_options, plan, read_jobs, read_throughput, write_plan
+from aihpc.allocate.ilp import (
+    Job,
+    job_options,
+    plan,
+    read_jobs,
+    read_throughput,
+    relaxation_bound,
+    write_plan,
+)
 from aihpc.allocate.simulate import (
     equal_share_policy,
     greedy_policy,
@@ -165,6 +173,54 @@ def test_list_mode_makespan_matches_brute_force_schedules(seed):
     assert result.schedule == "list" and busy_within_capacity(result, TINY)
     assert result.makespan_lower_bound_s <= best
     assert result.makespan_s == pytest.approx(best, rel=1e-9)
+    plain = relaxation_bound(jobs, thr, TINY)
+    assert plain <= relaxation_bound(jobs, thr, TINY, cuts=True) <= best * (1 + 1e-9)
+
+
+def brute_force_list_makespan(jobs, thr, cluster) -> float:
+    """The shortest list schedule over every configuration and every order."""
+    best = math.inf
+    for combo in itertools.product(*(choices(j, thr, cluster) for j in jobs)):
+        configs = {j.name: c for j, c in zip(jobs, combo, strict=True)}
+        for order in itertools.permutations(configs):
+            best = min(best, max(r.end_s for r in simulate(cluster, order, plan_policy(configs))))
+    return best
+
+
+def test_bounds_with_cuts_stay_below_every_schedule_and_tighten():
+    """Four jobs of any width on 10 GPUs: the bounds never pass the best list schedule,
+    and the cuts' LP bound is above the plain LP bound where that one is loose."""
+    tighter = 0
+    for seed in range(8):
+        jobs = random_jobs(4, seed)
+        thr = throughputs(TINY, 2, seed)
+        best = brute_force_list_makespan(jobs, thr, TINY)
+        plain = relaxation_bound(jobs, thr, TINY)
+        cuts = relaxation_bound(jobs, thr, TINY, cuts=True)
+        result = plan(jobs, thr, TINY, "makespan", shape="list")
+        assert plain <= cuts <= best * (1 + 1e-9), seed
+        assert result.makespan_lower_bound_s <= best * (1 + 1e-9), seed
+        assert result.makespan_s >= best * (1 - 1e-9)
+        tighter += cuts > plain * 1.01
+    assert tighter >= 2
+
+
+def test_list_plan_replays_in_its_priority_order():
+    """The local search reorders each type's queue: the plan's priorities say how."""
+    cluster = Cluster({"a": GpuType("a", 2, 8), "b": GpuType("b", 2, 4)})
+    thr = throughputs(cluster, 2, 16)
+    jobs = random_jobs(40, 16)
+    result = plan(jobs, thr, cluster, "makespan", solver="highs")
+    assert result.schedule == "list" and busy_within_capacity(result, cluster)
+    configs = {a.name: (a.config, a.end_s - a.start_s) for a in result.jobs}
+    order = [a.name for a in sorted(result.jobs, key=lambda a: a.priority)]
+    runs = {r.name: r for r in simulate(cluster, order, plan_policy(configs))}
+    for a in result.jobs:
+        assert (runs[a.name].start_s, runs[a.name].end_s) == (a.start_s, a.end_s), a.name
+    # here the order matters: longest first, the same configurations end later
+    longest = sorted(configs, key=lambda name: -configs[name][1])
+    lpt = simulate(cluster, longest, plan_policy(configs))
+    assert max(r.end_s for r in lpt) > result.makespan_s * 1.02
 
 
 def test_capacity_and_deadlines_hold_on_a_larger_batch():

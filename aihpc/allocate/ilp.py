@@ -352,6 +352,8 @@ class _Solution:
     status: str
     value: float
     chosen: list[Option]
+    #: list-scheduling order (job indices); None: ``_order``'s
+    order: list[int] | None = None
 
 
 def _solver(name: str, time_limit: float | None, gap: float) -> pulp.LpSolver:
@@ -548,8 +550,10 @@ def _order(inst: _Instance, chosen: Sequence[Option]) -> list[int]:
     return sorted(range(len(inst.jobs)), key=key)
 
 
-def _schedule(inst: _Instance, chosen: Sequence[Option]) -> list[Run]:
-    order = _order(inst, chosen)
+def _schedule(
+    inst: _Instance, chosen: Sequence[Option], order: Sequence[int] | None = None
+) -> list[Run]:
+    order = _order(inst, chosen) if order is None else order
     names = [inst.jobs[j].name for j in order]
     configs = {inst.jobs[j].name: (chosen[j].config, chosen[j].duration) for j in order}
     return simulate(inst.cluster, names, plan_policy(configs))
@@ -803,6 +807,148 @@ REPLANS = 2
 SEARCH_GAP = 0.01
 SEARCH_PRECISION = 0.02
 SEARCH_SECONDS = 5.0
+#: The LP bisection before it stops at this precision or after this many LPs (each a
+#: fraction of an integer program's time).
+LP_PRECISION = 0.002
+LP_ROUNDS = 12
+#: Seconds the local search on the best plan's list schedule may take.
+IMPROVE_SECONDS = 2.0
+
+
+def _relaxed_threshold(
+    inst: _Instance, lp: Callable[[_Instance], _Solution | None], lower: float, upper: float
+) -> float:
+    """The largest target T found in [lower, upper] whose target program (see
+    :func:`_plan_makespan`) has an infeasible LP relaxation; ``lower`` if none.
+
+    Every schedule ending by T gives an integral, hence LP-feasible, point of that program:
+    an infeasible LP proves that none does, so T is a lower bound. Configurations longer
+    than T are gone from it, which is what makes it much tighter than the plain relaxation
+    (there a long job mixes a fast wide configuration with a slow narrow one).
+    """
+    for _ in range(LP_ROUNDS):
+        if upper <= lower * (1 + LP_PRECISION):
+            break
+        target = (lower + upper) / 2
+        try:
+            feasible = lp(replace(inst, objective="gpu-hours", horizon=target)) is not None
+        except SolverTimeout:
+            break
+        if feasible:
+            upper = target
+        else:
+            lower = target
+    return lower
+
+
+#: List orders the local search tries per GPU type: longest, largest GPU time, widest first.
+_ORDER_KEYS: tuple[Callable[[Option], tuple[float, ...]], ...] = (
+    lambda o: (-o.duration,),
+    lambda o: (-o.gpu_seconds,),
+    lambda o: (-o.config.gpus, -o.duration),
+)
+
+
+#: A type's list schedule: its end (inf: a job ends late), how many jobs end then, the order.
+_Finish = tuple[float, int, tuple[int, ...]]
+
+
+def _ahead(a: Sequence[_Finish], b: Sequence[_Finish]) -> bool:
+    """Whether types' schedules ``a`` beat ``b`` (both latest end first): lexicographically
+    on (end, beyond rounding; then jobs ending then)."""
+    for (x, m, _), (y, n, _) in zip(a, b, strict=True):
+        if x < y * (1 - 1e-9):
+            return True
+        if x > y * (1 + 1e-9):
+            return False
+        if m != n:
+            return m < n
+    return False
+
+
+def _improve(
+    inst: _Instance, chosen: Sequence[Option], seconds: float
+) -> tuple[list[Option], list[int]]:
+    """Local search on a makespan plan's list schedule: configurations and orders.
+
+    GPU types keep separate queues, so each type's schedule is simulated alone. Per type
+    the best of three list orders (:data:`_ORDER_KEYS`, earliest deadline first) is kept;
+    then, while ``seconds`` last, a job of the type that ends last moves to another
+    configuration (any type; within the budget and deadlines) whenever that makes the
+    types' ends, sorted from the latest, lexicographically earlier, or keeps them and ends
+    fewer jobs at the last one (so a wave of jobs ending together can leave one by one).
+    The start (the longest-first order of every type) is the plan as scheduled before, so
+    it never gets worse.
+    Returns the configurations and a list order that reproduces the schedule.
+    """
+    stop = time.perf_counter() + seconds
+    pools = inst.cluster.gpu_types
+    alone = {t: Cluster({t: pool}) for t, pool in pools.items()}
+    due = [inst.due(j) for j in range(len(inst.jobs))]
+    Member = tuple[int, Option]
+    cache: dict[tuple[str, frozenset[Member]], _Finish] = {}
+
+    def finish(t: str, members: frozenset[Member]) -> _Finish:
+        """Type t's schedule of ``members`` in the best of the orders."""
+        if (t, members) not in cache:
+            best: _Finish = (math.inf, 0, ())
+            for key in _ORDER_KEYS:
+                order = sorted(members, key=lambda m: (due[m[0]], *key(m[1]), m[0]))
+                configs = {inst.jobs[j].name: (o.config, o.duration) for j, o in order}
+                runs = simulate(
+                    alone[t], [inst.jobs[j].name for j, _ in order], plan_policy(configs)
+                )
+                end = max((r.end_s for r in runs), default=0.0)
+                if _late(inst, runs):
+                    end = math.inf
+                crowd = sum(r.end_s >= end * (1 - 1e-9) for r in runs)
+                if (end, crowd) < best[:2] or not best[2]:
+                    best = (end, crowd, tuple(j for j, _ in order))
+            cache[(t, members)] = best
+        return cache[(t, members)]
+
+    members = {t: {(j, o) for j, o in enumerate(chosen) if o.config.gpu_type == t} for t in pools}
+    state = {t: finish(t, frozenset(m)) for t, m in members.items()}
+    area = {t: sum(o.gpu_seconds for _, o in m) for t, m in members.items()}
+    budget = math.inf if inst.budget is None else inst.budget * 3600 * (1 + 1e-9)
+    improved = True
+    while improved and time.perf_counter() < stop:
+        improved = False
+        ends = {t: state[t][0] for t in pools}
+        last = max(ends, key=ends.__getitem__)
+        rank = sorted(state.values(), reverse=True)
+        for j, o in sorted(members[last], key=lambda m: (-m[1].duration, m[0])):
+            rest = frozenset(members[last] - {(j, o)})
+            for p in inst.allowed(j):
+                t = p.config.gpu_type
+                if (
+                    p == o
+                    or p.duration >= ends[last]
+                    or sum(area.values()) - o.gpu_seconds + p.gpu_seconds > budget
+                    or (t != last and (area[t] + p.gpu_seconds) / pools[t].gpus >= ends[last])
+                ):
+                    continue  # cannot end the last type earlier
+                new = dict(state)
+                if t == last:
+                    new[t] = finish(t, rest | {(j, p)})
+                else:
+                    new[last] = finish(last, rest)
+                    new[t] = finish(t, frozenset(members[t] | {(j, p)}))
+                if _ahead(sorted(new.values(), reverse=True), rank):
+                    members[last].discard((j, o))
+                    members[t].add((j, p))
+                    area[last] -= o.gpu_seconds
+                    area[t] += p.gpu_seconds
+                    state = new
+                    improved = True
+                    break
+            if improved or time.perf_counter() >= stop:
+                break
+    final = list(chosen)
+    for m in members.values():
+        for j, o in m:
+            final[j] = o
+    return final, [j for t in pools for j in state[t][2]]
 
 
 def _plan_makespan(
@@ -853,6 +999,7 @@ def _plan_makespan(
         return tried[key]
 
     lower, upper = relaxed.value, max(consider(relaxed).values())  # the rounded LP plan
+    lower = _relaxed_threshold(inst, lambda v: solve(v, "list", relax=True), lower, upper)
     for _ in range(BOUND_ROUNDS):
         if upper <= lower * (1 + SEARCH_PRECISION):
             break
@@ -889,7 +1036,11 @@ def _plan_makespan(
         if sol is None:
             return None
         consider(sol)
-    _, end, sol, runs = best
+    _, _, sol, _ = best
+    chosen, order = _improve(inst, sol.chosen, IMPROVE_SECONDS)
+    runs = _schedule(inst, chosen, order)
+    end = max(r.end_s for r in runs)
+    sol = replace(sol, chosen=chosen, order=order)
     status = "optimal" if exact and end <= lower * (1 + 1e-4) else "feasible"
     return replace(sol, status=status, value=end), runs, lower if exact else None
 
@@ -908,7 +1059,8 @@ def _make_plan(
     by_name = {r.name: r for r in runs}
     starts = sorted({r.start_s for r in runs})
     wave = {s: i + 1 for i, s in enumerate(starts)}
-    rank = {inst.jobs[j].name: i for i, j in enumerate(_order(inst, sol.chosen))}
+    order = _order(inst, sol.chosen) if sol.order is None else sol.order
+    rank = {inst.jobs[j].name: i for i, j in enumerate(order)}
     assignments = [
         Assignment(
             name=job.name,
@@ -944,18 +1096,32 @@ def relaxation_bound(
     cluster: Cluster,
     objective: str = "makespan",
     max_gpus: int = MAX_GPUS_PER_JOB,
+    *,
+    cuts: bool = False,
 ) -> float:
     """LP-relaxation bound of the list-mode program (no deadline, no budget).
 
     For ``makespan`` it bounds every non-preemptive schedule of the jobs on the cluster that
-    uses candidate configurations, whatever the plan shape.
+    uses candidate configurations, whatever the plan shape. With ``cuts`` (makespan only)
+    the bound is the largest target makespan whose target program, with its valid
+    inequalities, has an infeasible LP relaxation (:func:`_relaxed_threshold`), bisected
+    between the plain bound and the rounded relaxation's list schedule.
     """
+    if cuts and objective != "makespan":
+        raise AllocationError(f"relaxation_bound: cuts bound the makespan, not {objective!r}")
     options = [job_options(job, thr, cluster, max_gpus) for job in jobs]
     inst = _Instance(jobs, options, cluster, objective)
     _check_jobs(inst, thr, max_gpus)
-    sol = _solve(inst, "list", "highs", None, 0.0, relax=True)
+
+    def lp(variant: _Instance) -> _Solution | None:
+        return _solve(variant, "list", "highs", None, 0.0, relax=True)
+
+    sol = lp(inst)
     assert sol is not None  # list mode without deadline or budget is always feasible
-    return sol.value
+    if not cuts:
+        return sol.value
+    upper = max(r.end_s for r in _schedule(inst, sol.chosen))
+    return _relaxed_threshold(inst, lp, sol.value, upper)
 
 
 # --- writing the plan -------------------------------------------------------------------------
