@@ -24,7 +24,8 @@ Two plan shapes (``schedule`` in PLAN.json):
   cannot share a type's GPUs fit one after the other. If the schedule still misses a
   deadline, the program is solved again with GPU time capped at 95 %, 90 %, ... of the
   capacity (``capacity_factor``). Makespan: a search over target makespans
-  (``_plan_makespan``), which also proves a lower bound (``makespan_lower_bound_s``).
+  (``_plan_makespan``), which also proves a lower bound (``makespan_lower_bound_s``), and
+  a local search on the best plan's list schedule (``_improve``).
 
 Objectives: ``makespan``, ``sum`` (sum_j weight_j D_j: weighted sum of the jobs' run times)
 and ``gpu-hours`` (sum_j GPUs_j D_j); ``budget`` bounds the GPU-hours, ``deadline`` the end
@@ -811,8 +812,10 @@ SEARCH_SECONDS = 5.0
 #: fraction of an integer program's time).
 LP_PRECISION = 0.002
 LP_ROUNDS = 12
-#: Seconds the local search on the best plan's list schedule may take.
+#: Seconds the local search on the best plans' list schedules may take, and how many it
+#: starts from.
 IMPROVE_SECONDS = 2.0
+IMPROVE_STARTS = 4
 
 
 def _relaxed_threshold(
@@ -963,27 +966,28 @@ def _plan_makespan(
     necessary for a schedule ending by T, so an infeasible T (at full capacity) is a lower
     bound, as is the LP relaxation of the GPU-time program the search starts from.
 
-    First a bisection finds the smallest feasible T (raising the bound), then targets just
-    above it are planned. The program cannot see how jobs pack onto nodes: a type whose
-    list schedule ends after T gets its GPU-time cap lowered by T / its end and T is planned
-    again. Every plan is list-scheduled; the shortest schedule wins. None: no plan exists.
+    First bisections find the smallest feasible T (raising the bound): over the program's
+    LP relaxation (:func:`_relaxed_threshold`: cheap), then from there over the integer
+    program. Then targets just above it are planned. The program cannot see how jobs pack
+    onto nodes: a type whose list schedule ends after T gets its GPU-time cap lowered by
+    T / its end and T is planned again. Every plan is list-scheduled; the shortest
+    schedule, improved by :func:`_improve`, wins. None: no plan exists.
     """
     relaxed = solve(replace(inst, objective="makespan"), "list", relax=True)
     if relaxed is None:
         return None
     exact = inst.capacity_factor == 1.0
-    best: tuple[bool, float, _Solution, list[Run]] | None = None
+    # every plan within the budget: (ends late, makespan) -> the plan
+    plans: dict[tuple[Option, ...], tuple[bool, float, _Solution]] = {}
 
     def consider(sol: _Solution) -> dict[str, float]:
-        """Schedule a plan, keep it if best (in time first); per type, its last job's end."""
-        nonlocal best
+        """Schedule a plan and keep it; per type, its last job's end."""
         runs = _schedule(inst, sol.chosen)
-        rank = (bool(_late(inst, runs)), max(r.end_s for r in runs))
         dear = inst.budget is not None and sum(o.gpu_seconds for o in sol.chosen) > (
             inst.budget * 3600 * (1 + 1e-9)
         )  # only the rounded LP solution can be
-        if not dear and (best is None or rank < best[:2]):
-            best = (*rank, sol, runs)
+        if not dear:
+            plans[tuple(sol.chosen)] = (bool(_late(inst, runs)), max(r.end_s for r in runs), sol)
         ends: dict[str, float] = {}
         for r in runs:
             ends[r.config.gpu_type] = max(ends.get(r.config.gpu_type, 0.0), r.end_s)
@@ -1000,22 +1004,26 @@ def _plan_makespan(
 
     lower, upper = relaxed.value, max(consider(relaxed).values())  # the rounded LP plan
     lower = _relaxed_threshold(inst, lambda v: solve(v, "list", relax=True), lower, upper)
+    # The integer threshold is usually just above the LP's: probe upwards from it in
+    # growing steps (half the precision, then doubling), bisecting once a probe is feasible.
+    step = SEARCH_PRECISION / 2
     for _ in range(BOUND_ROUNDS):
         if upper <= lower * (1 + SEARCH_PRECISION):
             break
-        target = (lower + upper) / 2
+        target = min(lower * (1 + step), (lower + upper) / 2)
         try:
             sol = attempt(target, {})
         except SolverTimeout:
             break
         if sol is None:
             lower = target  # no schedule ends by target
+            step *= 2
         else:
             upper = target
             consider(sol)
     for step in TARGET_STEPS:
         target = upper * step
-        if best is not None and target >= best[1]:
+        if plans and target >= min(p[:2] for p in plans.values())[1]:
             break
         factors: dict[str, float] = {}
         for _ in range(REPLANS):
@@ -1031,16 +1039,25 @@ def _plan_makespan(
                     factors[gpu_type] = factors.get(gpu_type, 1.0) * target / end
             if not factors or max(ends.values()) <= target:
                 break
-    if best is None:  # no target met the budget: the plain GPU-time program
+    if not plans:  # no target met the budget: the plain GPU-time program
         sol = solve(replace(inst, objective="makespan"), "list")
         if sol is None:
             return None
         consider(sol)
-    _, _, sol, _ = best
-    chosen, order = _improve(inst, sol.chosen, IMPROVE_SECONDS)
-    runs = _schedule(inst, chosen, order)
-    end = max(r.end_s for r in runs)
-    sol = replace(sol, chosen=chosen, order=order)
+    # The local search ends in different local optima from different plans: improve the
+    # best few, sharing the time, and keep the best result.
+    starts = sorted(plans.values(), key=lambda p: p[:2])[:IMPROVE_STARTS]
+    stop = time.perf_counter() + IMPROVE_SECONDS
+    best: tuple[bool, float, _Solution, list[Run]] | None = None
+    for i, (_, _, sol) in enumerate(starts):
+        share = (stop - time.perf_counter()) / (len(starts) - i)
+        chosen, order = _improve(inst, sol.chosen, max(share, 0.0))
+        runs = _schedule(inst, chosen, order)
+        rank = (bool(_late(inst, runs)), max(r.end_s for r in runs))
+        if best is None or rank < best[:2]:
+            best = (*rank, replace(sol, chosen=chosen, order=order), runs)
+    assert best is not None
+    _, end, sol, runs = best
     status = "optimal" if exact and end <= lower * (1 + 1e-4) else "feasible"
     return replace(sol, status=status, value=end), runs, lower if exact else None
 
