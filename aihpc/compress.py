@@ -772,11 +772,14 @@ def quantize_model(
     ``observer``, see :func:`int8_config`); also returns the converted
     graph module (for :func:`layer_report`). ``int8dyn``: torchao's dynamic int8
     activation + int8 weight config on the Linear layers. ``fp16``/``bf16``: weights and
-    compute in half precision behind a float32 interface."""
+    compute in half precision behind a float32 interface. Batch norms behind max-pools are
+    folded into their convolutions first (:func:`fold_bn_through_max_pools`)."""
     check_quant_mode(mode)
     if len(calibration) == 0:
         raise InputError("calibration set is empty")
-    model = copy.deepcopy(model).eval()
+    model, folded = fold_bn_through_max_pools(copy.deepcopy(model).eval())
+    if folded:
+        print(f"folded the batch norms {folded} into the convolutions before their max-pools")
     example = calibration[:2].clone()  # a view would store the whole calibration set
     if mode == "int8":
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -964,9 +967,14 @@ def compile_for_cpu(model: nn.Module, *, cpp_wrapper: bool = False) -> nn.Module
     recompile limit (every ``nn.Sequential`` shares one ``forward``), so it is raised;
     Inductor's on-disk FX graph cache makes later runs of the same graph cheap.
     ``cpp_wrapper`` generates the per-call wrapper in C++ instead of Python (less overhead
-    per call, which dominates small batches; slower to compile)."""
+    per call, which dominates small batches; slower to compile). An ``nn.Module`` (not an
+    exported program's graph module) in eval mode has its batch norms behind max-pools
+    folded first, as :func:`quantize_model` does, so fp32 and int8 compare like for like."""
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
+
+    if not isinstance(model, torch.fx.GraphModule) and not model.training:
+        model, _ = fold_bn_through_max_pools(model)
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)

@@ -237,6 +237,33 @@ def test_sparse_storage_round_trips_bit_exactly(tmp_path):
 # --- quantisation ----------------------------------------------------------------------------
 
 
+def test_batch_norms_fold_through_max_pools_only_where_every_scale_is_positive():
+    model, _ = random_model()
+    torch.manual_seed(1)
+    with torch.no_grad():  # statistics and affine parameters far from the identity
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.2, 3)
+                bn.weight.uniform_(0.3, 2)
+                bn.bias.uniform_(-1, 1)
+        model[11].weight[3] = -0.5  # one channel of the second post-pool BN flips its sign
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    folded, names = compress.fold_bn_through_max_pools(model)
+    assert names == ["6"]  # resnet_s: conv 4 -> max-pool 5 -> BN 6, and conv 9 -> 10 -> BN 11
+    assert isinstance(folded[6], nn.Identity) and folded[4].bias is not None
+    assert isinstance(folded[11], nn.BatchNorm2d) and isinstance(model[6], nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+        model[11].weight[3] = 0.5  # now every scale is positive: both fold
+        _, names = compress.fold_bn_through_max_pools(model)
+    assert names == ["6", "11"]
+    with pytest.raises(ValueError, match="eval mode"):
+        compress.fold_bn_through_max_pools(model.train())
+
+
 def test_int8_agrees_with_fp32_and_is_smaller(trained, tmp_path):
     data_dir = trained / DATA
     fp32, _ = models.load_artifact(trained / RESULTS / "resnet_s" / "model.pt")
@@ -244,6 +271,8 @@ def test_int8_agrees_with_fp32_and_is_smaller(trained, tmp_path):
     program, converted = quantize_model(fp32, "int8", calibration)
     assert converted is not None
     assert not any(p.dtype == torch.float32 and p.dim() == 4 for p in converted.parameters())
+    # Every BN folded into a conv: prepare_pt2e's conv-BN pairs and the post-pool ones.
+    assert not [n for n in converted.graph.nodes if "batch_norm" in str(n.target)]
     int8 = [b for b in program.module().buffers() if b.dtype == torch.int8]
     assert sum(b.numel() for b in int8) == sum(
         m.weight.numel() for m, _ in compress.prunable_parameters(fp32)
