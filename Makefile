@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # other jobs' threads on a small machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint install dataset clean
+.PHONY: run test lint install dataset clean gpu-wheels
 
 run: install dataset
 	$(BIN)/snakemake --profile profiles/local --configfile $(CONFIG)
@@ -53,3 +53,11 @@ dataset:
 
 clean:
 	rm -rf results work .snakemake
+
+# Wheels bench/gpu_check.sh installs on a GPU machine without internet (carry wheels/ there).
+GPU_PYTHON ?= 3.12
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 \
+		-d wheels -r bench/gpu_wheels.txt
