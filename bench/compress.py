@@ -18,6 +18,8 @@ fine-tuned and quantised variants against the eager and the compiled fp32 model.
         --workdir work/bench-compress-long               # the goal's variant, longer fine-tune
     .venv/bin/python bench/compress.py --sweep best --distill-weight 0.9 \\
         --workdir work/bench-compress-kd                 # ... distilled from the unpruned model
+    .venv/bin/python bench/compress.py --config config/cifar10.yaml --sweep best \\
+        --workdir work/bench-compress-cifar10            # CIFAR-10 (../shared/data)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aihpc.compress import compile_for_cpu  # noqa: E402
-from aihpc.config import load_config  # noqa: E402
+from aihpc.config import QUANT_MODES, load_config  # noqa: E402
 from aihpc.evaluate import median_forward_ms  # noqa: E402
 from aihpc.models import load_artifact  # noqa: E402
 from aihpc.provenance import cpu_info, package_versions  # noqa: E402
@@ -51,10 +53,12 @@ SWEEP = [
     {"prune": {"method": "unstructured", "ratio": 0.5}},
     {"prune": {"method": "unstructured", "ratio": 0.8}},
     {"prune": {"method": "unstructured", "ratio": 0.8, "gradual": True}},
-    {"quant": "int8"},
 ]
-# --sweep best: the goal's variant alone (e.g. with a longer --finetune-epochs).
-SWEEPS = {"wide": SWEEP, "best": [SWEEP[1]]}
+# Every quantisation mode on the unpruned model.
+QUANT_ONLY = [{"quant": mode} for mode in QUANT_MODES]
+# --sweep best: the goal's variant alone (e.g. with a longer --finetune-epochs); modes: it and
+# the quantisation modes.
+SWEEPS = {"wide": SWEEP + QUANT_ONLY, "best": [SWEEP[1]], "modes": [SWEEP[1], *QUANT_ONLY]}
 BATCHES = (1, 256)
 
 
@@ -67,6 +71,8 @@ def run_workflow(
     config["compress"]["variants"] = [{"model": model, **entry} for entry in SWEEPS[sweep]]
     config["compress"]["finetune"].update(finetune)
     config["compress"]["distill"].update(distill)
+    # A relative data root means the repository root's, as for `make run`.
+    config["data"]["root"] = str(ROOT / config["data"]["root"])
     results = Path(config["results"])
     dataset = config["data"]["name"]
     config["results"] = "results"

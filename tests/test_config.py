@@ -80,7 +80,7 @@ def test_load_config_reads_and_validates(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "test.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "test.yaml", "cifar10.yaml"])
 def test_shipped_configs_are_valid(name):
     config = load_config(ROOT / "config" / name)
     for model in config["models"]:
