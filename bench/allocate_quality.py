@@ -171,7 +171,7 @@ def plan_table(workloads: list[int], solver: str, scale: int) -> None:
         for policy, o in res["outcomes"].items():
             ratios.setdefault(policy, []).append(o.makespan_s / base)
             print(
-                f"{w:8d} {policy:12} {o.makespan_s / 3600:10.2f} {o.makespan_s / base:7.2f} "
+                f"{w:8d} {policy:12} {o.makespan_s / 3600:10.3f} {o.makespan_s / base:7.3f} "
                 f"{o.mean_duration_s / 3600:10.2f} {o.mean_completion_s / 3600:10.2f} "
                 f"{o.gpu_hours:8.1f}"
             )
@@ -181,7 +181,7 @@ def plan_table(workloads: list[int], solver: str, scale: int) -> None:
             ("proven bound", "proven_bound"),
         ):
             ratios.setdefault(label, []).append(res[key] / base)
-            print(f"{w:8d} {label:12} {res[key] / 3600:10.2f} {res[key] / base:7.2f}")
+            print(f"{w:8d} {label:12} {res[key] / 3600:10.3f} {res[key] / base:7.3f}")
         print(f"{w:8d} plan: {res['schedule']}, planned in {res['seconds']:.1f} s")
     print("geometric mean over the workloads of makespan / the plan's makespan:")
     for policy, values in ratios.items():

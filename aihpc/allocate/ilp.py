@@ -1006,17 +1006,19 @@ def _plan_makespan(
     lower = _relaxed_threshold(inst, lambda v: solve(v, "list", relax=True), lower, upper)
     # The integer threshold is usually just above the LP's: probe upwards from it in
     # growing steps (half the precision, then doubling), bisecting once a probe is feasible.
-    step = SEARCH_PRECISION / 2
+    # A probe the solver cannot decide in time moves the search up, not the bound.
+    step, probe = SEARCH_PRECISION / 2, lower
     for _ in range(BOUND_ROUNDS):
-        if upper <= lower * (1 + SEARCH_PRECISION):
+        if upper <= probe * (1 + SEARCH_PRECISION):
             break
-        target = min(lower * (1 + step), (lower + upper) / 2)
+        target = min(probe * (1 + step), (probe + upper) / 2)
         try:
             sol = attempt(target, {})
         except SolverTimeout:
-            break
+            probe, step = target, 2 * step
+            continue
         if sol is None:
-            lower = target  # no schedule ends by target
+            lower = probe = target  # no schedule ends by target
             step *= 2
         else:
             upper = target
