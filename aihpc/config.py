@@ -55,7 +55,7 @@ def _check_model_gpus(config: dict[str, Any], source: str) -> None:
                     f"{where}: a {{min, max}} range is for the allocator (allocate.enabled: "
                     f"true); without it give the GPU count to ask for"
                 )
-            low, high = gpus.get("min", 1), gpus.get("max")
+            low, high = model_gpu_bounds(config, name)
             if high is not None and low > high:
                 raise ConfigError(f"{where}: min {low} > max {high}")
         elif gpus == 0 and allocating:
@@ -212,10 +212,6 @@ class DistillConfig:
 
     weight: float = 0.0
     temperature: float = 4.0
-
-
-def distill_config(config: dict[str, Any]) -> DistillConfig:
-    return DistillConfig(**config.get("compress", {}).get("distill", {}))
 
 
 def prune_token(prune: dict[str, Any]) -> str:

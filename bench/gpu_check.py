@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import aihpc  # noqa: F401  (sets the package's OMP_WAIT_POLICY default before torch loads)
+from aihpc.files import write_json
 
 if TYPE_CHECKING:
     from aihpc.config import ModelConfig
@@ -170,7 +171,7 @@ def main() -> None:
             print("2 ranks (NCCL): skipped, fewer than 2 GPUs")
     figures["problems"] = problems
     if args.out:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.out, figures)
     for problem in problems:
         print(f"PROBLEM: {problem}")
     if problems:
