@@ -335,6 +335,11 @@ class _Instance:
         own = self.jobs[j].deadline_s if self.job_deadlines else None
         return min(d for d in (own, self.deadline, math.inf) if d is not None)
 
+    @property
+    def budget_s(self) -> float:
+        """The GPU-second budget, with a relative tolerance for float sums (inf: none)."""
+        return math.inf if self.budget is None else self.budget * 3600 * (1 + 1e-9)
+
     def allowed(self, j: int) -> list[Option]:
         limit = min(self.due(j), self.horizon or math.inf)
         return [o for o in self.options[j] if o.duration <= limit]
@@ -564,6 +569,11 @@ def _late(inst: _Instance, runs: Sequence[Run]) -> list[str]:
     due = {job.name: inst.due(j) for j, job in enumerate(inst.jobs)}
     # a relative tolerance: durations pass through float sums in the scheduler
     return [r.name for r in runs if r.end_s > due[r.name] * (1 + 1e-9)]
+
+
+def _rank(inst: _Instance, runs: Sequence[Run]) -> tuple[bool, float]:
+    """How a schedule compares, best first: on time before late, then by makespan."""
+    return bool(_late(inst, runs)), max(r.end_s for r in runs)
 
 
 def _fits_at_once(inst: _Instance) -> bool:
@@ -913,7 +923,7 @@ def _improve(
     members = {t: {(j, o) for j, o in enumerate(chosen) if o.config.gpu_type == t} for t in pools}
     state = {t: finish(t, frozenset(m)) for t, m in members.items()}
     area = {t: sum(o.gpu_seconds for _, o in m) for t, m in members.items()}
-    budget = math.inf if inst.budget is None else inst.budget * 3600 * (1 + 1e-9)
+    budget = inst.budget_s
     improved = True
     while improved and time.perf_counter() < stop:
         improved = False
@@ -983,11 +993,9 @@ def _plan_makespan(
     def consider(sol: _Solution) -> dict[str, float]:
         """Schedule a plan and keep it; per type, its last job's end."""
         runs = _schedule(inst, sol.chosen)
-        dear = inst.budget is not None and sum(o.gpu_seconds for o in sol.chosen) > (
-            inst.budget * 3600 * (1 + 1e-9)
-        )  # only the rounded LP solution can be
-        if not dear:
-            plans[tuple(sol.chosen)] = (bool(_late(inst, runs)), max(r.end_s for r in runs), sol)
+        # only the rounded LP solution can be over the budget
+        if sum(o.gpu_seconds for o in sol.chosen) <= inst.budget_s:
+            plans[tuple(sol.chosen)] = (*_rank(inst, runs), sol)
         ends: dict[str, float] = {}
         for r in runs:
             ends[r.config.gpu_type] = max(ends.get(r.config.gpu_type, 0.0), r.end_s)
@@ -1055,7 +1063,7 @@ def _plan_makespan(
         share = (stop - time.perf_counter()) / (len(starts) - i)
         chosen, order = _improve(inst, sol.chosen, max(share, 0.0))
         runs = _schedule(inst, chosen, order)
-        rank = (bool(_late(inst, runs)), max(r.end_s for r in runs))
+        rank = _rank(inst, runs)
         if best is None or rank < best[:2]:
             best = (*rank, replace(sol, chosen=chosen, order=order), runs)
     assert best is not None
