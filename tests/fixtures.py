@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -22,6 +23,16 @@ CIFAR_PER_BATCH = 20  # training images per data_batch_i
 CIFAR_TEST = 20
 IDX_TRAIN = 60
 IDX_TEST = 20
+
+
+def write_fixture_plan(path: Path, jobs: dict[str, tuple[str, int, int, float]]) -> None:
+    """A PLAN.json of jobs name -> (gpu_type, nodes, gpus, seconds), all starting at 0."""
+    rows = [
+        {"name": name, "gpu_type": t, "nodes": n, "gpus": g, "start_s": 0.0, "end_s": s}
+        for name, (t, n, g, s) in jobs.items()
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"status": "optimal", "jobs": rows}))
 
 
 def shared_data_dir() -> Path | None:

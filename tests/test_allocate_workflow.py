@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from fixtures import write_fixture_plan
 from test_workflow import PNG_MAGIC, ROOT, prepared, snakemake, write_config
 
 from aihpc.allocate import AllocationError
@@ -33,16 +34,6 @@ def allocating(workdir: Path, **allocate) -> dict:
     """config/test.yaml with allocation on (the overlay, changed by ``allocate``); after
     ``prepared``, which writes the plain test config."""
     return write_config(workdir, allocate={**ALLOCATE, **allocate})
-
-
-def write_plan(path: Path, jobs: dict[str, tuple[str, int, int, float]]) -> None:
-    """A PLAN.json of jobs name -> (gpu_type, nodes, gpus, seconds), all starting at 0."""
-    rows = [
-        {"name": name, "gpu_type": t, "nodes": n, "gpus": g, "start_s": 0.0, "end_s": s}
-        for name, (t, n, g, s) in jobs.items()
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": "optimal", "jobs": rows}))
 
 
 def rule_edges(workdir: Path) -> set[tuple[str, str]]:
@@ -161,7 +152,7 @@ def test_train_resources_come_from_the_plan(tmp_path):
         "seed_cnn": ("a100", 1, 4, 3600.0),
         "resnet_s": ("nvidia-h100", 1, 8, 60.0),
     }
-    write_plan(tmp_path / PLAN_DIR / "allocation.json", plan)
+    write_fixture_plan(tmp_path / PLAN_DIR / "allocation.json", plan)
     targets = [f"results/fashion-mnist-tiny/{m}/model.pt" for m in MODELS]
     out = snakemake(tmp_path, "-n", *targets, rules=("train",)).stdout
     # runtime: 1 h x margin 1.5 + 5 min overhead; Slurm's GPU type: the pool's name ...
@@ -169,7 +160,7 @@ def test_train_resources_come_from_the_plan(tmp_path):
     # ... or its gpu_model, where the name is not one Slurm takes
     assert "gpu=8, nodes=1, cpus_per_gpu=8, runtime=7, gpu_model=h100" in out
 
-    write_plan(tmp_path / PLAN_DIR / "allocation.json", {"seed_cnn": ("cpu", 1, 2, 60.0)})
+    write_fixture_plan(tmp_path / PLAN_DIR / "allocation.json", {"seed_cnn": ("cpu", 1, 2, 60.0)})
     out = snakemake(tmp_path, "-n", targets[1], rules=("train",)).stdout
     assert "gpu=0, nodes=1, cpus_per_gpu=8, runtime=7" in out and "gpu_model" not in out
 
@@ -188,7 +179,7 @@ def test_gpu_type_slurm_cannot_name_fails_at_parse(tmp_path):
 def test_rule_train_workers_from_plan(tmp_path):
     prepared(tmp_path)
     allocating(tmp_path)
-    write_plan(tmp_path / PLAN_DIR / "allocation.json", {"seed_cnn": ("cpu", 1, 2, 4.0)})
+    write_fixture_plan(tmp_path / PLAN_DIR / "allocation.json", {"seed_cnn": ("cpu", 1, 2, 4.0)})
     target = "results/fashion-mnist-tiny/seed_cnn/model.pt"
     snakemake(tmp_path, target, "--resources", "gpu=0", rules=("train",))
     meta = torch.load(tmp_path / target, weights_only=True)["meta"]
@@ -201,7 +192,7 @@ def test_rule_train_workers_from_plan(tmp_path):
 
 def test_train_settings(tmp_path):
     plan = tmp_path / "allocation.json"
-    write_plan(plan, {"m": ("cpu", 1, 2, 61.0), "g": ("h100", 2, 8, 600.0)})
+    write_fixture_plan(plan, {"m": ("cpu", 1, 2, 61.0), "g": ("h100", 2, 8, 600.0)})
     pools = {"cpu": {"nodes": 1, "gpus_per_node": 2}, "h100": {"nodes": 2, "gpus_per_node": 8}}
     cfg = {
         "cpus_per_gpu": 4,

@@ -8,7 +8,6 @@ the jobs still request GPUs from Slurm.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from fixtures import deep_update
+from fixtures import deep_update, write_fixture_plan
 
 from aihpc.config import DataConfig
 from aihpc.data import prepare
@@ -256,17 +255,9 @@ def test_planned_training_job_gets_the_planned_gpu_type(
         tmp_path, seed_cnn(), train={"epochs": 1, "accelerator": "cpu"}, allocate=allocate, **QUICK
     )
     prepared(tmp_path)
-    job = {
-        "name": "seed_cnn",
-        "gpu_type": GPU_TYPE,
-        "nodes": 1,
-        "gpus": 2,
-        "start_s": 0.0,
-        "end_s": 60.0,
-    }
-    plan = tmp_path / "results" / "plan" / "allocation.json"
-    plan.parent.mkdir(parents=True)
-    plan.write_text(json.dumps({"status": "optimal", "jobs": [job]}))
+    write_fixture_plan(
+        tmp_path / "results" / "plan" / "allocation.json", {"seed_cnn": (GPU_TYPE, 1, 2, 60.0)}
+    )
     target = f"results/{DATASET}/seed_cnn/model.pt"
     run = succeeded(Workflow(tmp_path, target, "--allowed-rules", "train").wait())
 
