@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import aihpc  # noqa: F401  (sets the package's OMP_WAIT_POLICY default before torch loads)
+from aihpc.files import read_json
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 CORES = 2  # Snakemake --cores on this machine; also the Dask worker count
@@ -170,12 +171,9 @@ def run_separate(data: Path, models: list[Path], compile: bool) -> float:
     return time.perf_counter() - started
 
 
-def accuracies(models: list[Path]) -> list[float]:
-    return [json.loads(m.with_name("eval.json").read_text())["test_accuracy"] for m in models]
-
-
-def latencies(models: list[Path]) -> list[float]:
-    return [json.loads(m.with_name("eval.json").read_text())["latency_b256_ms"] for m in models]
+def eval_field(models: list[Path], key: str) -> list[float]:
+    """``key`` of each model's eval.json."""
+    return [read_json(m.with_name("eval.json"))[key] for m in models]
 
 
 def main() -> None:
@@ -208,12 +206,12 @@ def main() -> None:
         data, models = make_variants(Path(tmp), args.variants)
         for round_ in range(args.rounds):
             walls["separate"].append(run_separate(data, models, args.compile))
-            seen["separate"].append(latencies(models))
-            separate_acc = accuracies(models)
+            seen["separate"].append(eval_field(models, "latency_b256_ms"))
+            separate_acc = eval_field(models, "test_accuracy")
             cmd = child_cmd("map", str(data), *map(str, models), flag)
             walls["map"].append(timed(cmd))
-            seen["map"].append(latencies(models))
-            if accuracies(models) != separate_acc:
+            seen["map"].append(eval_field(models, "latency_b256_ms"))
+            if eval_field(models, "test_accuracy") != separate_acc:
                 sys.exit("client.map and separate processes scored the variants differently")
             walls["prepare"].append(timed(child_cmd("prepare", f"{tmp}/cifar-{round_}")))
             out = subprocess.run(
