@@ -554,19 +554,11 @@ def finetune(
         "distill_weight": distill.weight,
         "distill_temperature": distill.temperature if distillation else None,
     }
-    if method != "unstructured":
-        return fit(
-            paths,
-            model_cfg,
-            threads=threads,
-            init_from=pruned_path,
-            callbacks=callbacks,
-            extra_meta=extra_meta,
-            distill=distillation,
-        )
+    # An unstructured variant is fine-tuned dense, then stored sparse.
+    sparse = method == "unstructured"
     dense = Path(paths.work_dir) / "finetuned-dense.pt"
     result = fit(
-        replace(paths, model_out=dense),
+        replace(paths, model_out=dense) if sparse else paths,
         model_cfg,
         threads=threads,
         init_from=pruned_path,
@@ -574,6 +566,8 @@ def finetune(
         extra_meta=extra_meta,
         distill=distillation,
     )
+    if not sparse:
+        return result
     net, dense_record = load_artifact(dense)
     zeros, total = prunable_zeros(net)
     expected = round(ratio * total)
