@@ -43,6 +43,17 @@ class TrainPaths:
     metrics_out: Path  # per-epoch curves (CSVLogger's metrics.csv)
     work_dir: Path  # resumable checkpoints and raw logs, outside the declared outputs
 
+    @classmethod
+    def of_rule(cls, job: Any) -> TrainPaths:
+        """The paths of a train/finetune rule's ``snakemake`` object (outputs ``model`` and
+        ``metrics``, params ``data_dir`` and ``work_dir``)."""
+        return cls(
+            data_dir=Path(job.params.data_dir),
+            model_out=Path(job.output.model),
+            metrics_out=Path(job.output.metrics),
+            work_dir=Path(job.params.work_dir),
+        )
+
 
 class InMemoryImages(Dataset[Batch]):
     """Images (N, C, H, W uint8) and labels held as tensors; a list of indices gives a batch."""

@@ -12,12 +12,7 @@ from aihpc.train import TrainPaths
 
 snakemake = globals()["snakemake"]
 with rule_log(snakemake.log[0]):
-    paths = TrainPaths(
-        data_dir=Path(snakemake.params.data_dir),
-        model_out=Path(snakemake.output.model),
-        metrics_out=Path(snakemake.output.metrics),
-        work_dir=Path(snakemake.params.work_dir),
-    )
+    paths = TrainPaths.of_rule(snakemake)
     settings = snakemake.params.finetune
     model_cfg = ModelConfig(**{**settings, "train": TrainConfig(**settings["train"])})
     finetune(

@@ -22,12 +22,7 @@ ALLOCATION_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_GPUS", "SL
 if __name__ == "__main__":
     snakemake = globals()["snakemake"]
     with rule_log(snakemake.log[0]):
-        paths = TrainPaths(
-            data_dir=Path(snakemake.params.data_dir),
-            model_out=Path(snakemake.output.model),
-            metrics_out=Path(snakemake.output.metrics),
-            work_dir=Path(snakemake.params.work_dir),
-        )
+        paths = TrainPaths.of_rule(snakemake)
         config = {
             "train": snakemake.params.train,
             "models": {snakemake.wildcards.model: snakemake.params.model},
