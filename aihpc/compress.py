@@ -10,10 +10,11 @@
   optional cubic schedule that reaches the ratio gradually. The artifact stores each sparse
   tensor as a zlib-compressed bitmask plus its non-zero values (format ``sparse``).
 * **Quantisation** exports the model with ``torch.export`` and, for ``int8``, runs torchao's
-  PT2E flow (``prepare_pt2e`` / calibration / ``convert_pt2e`` with ``X86InductorQuantizer``);
-  the converted program drops the fp32 weights it no longer references and is stored
-  zlib-compressed in the artifact (format ``program``) and as a plain ``torch.export.save``
-  archive for deployment. It runs int8 when compiled with ``torch.compile`` (Inductor).
+  PT2E flow (``prepare_pt2e`` / calibration / ``convert_pt2e`` with ``X86InductorQuantizer``;
+  the classifier and max-pools stay float); the converted program drops the fp32 weights
+  it no longer references and is stored zlib-compressed in the artifact (format
+  ``program``) and as a plain ``torch.export.save`` archive for deployment. It runs int8
+  when compiled with ``torch.compile`` (Inductor).
 
 Every stage function checks its input, writes its outputs atomically and raises
 :class:`~aihpc.errors.InputError` for bad input.
@@ -237,6 +238,12 @@ def prunable_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The name of the last convolution or linear layer: the classifier, which structured
+    pruning leaves whole and int8 quantisation leaves in float."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)][-1]
+
+
 def prunable_zeros(model: nn.Module) -> tuple[int, int]:
     """(zero weights, all weights) over the conv and linear weights."""
     weights = [getattr(m, n) for m, n in prunable_parameters(model)]
@@ -310,7 +317,7 @@ def prune_structured(
             f"aihpc.compress.WIDTH_READERS (known: {sorted(WIDTH_READERS)})"
         )
     model = copy.deepcopy(model).eval()
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
+    classifier = model.get_submodule(classifier_name(model))
     side, channels = spec["input_size"], spec["in_channels"]
     example = torch.rand(1, channels, side, side)
     if ratio > 0:
@@ -762,12 +769,12 @@ def quantize_model(
     """Quantise ``model`` (fp32, eval) into an exported program.
 
     ``int8``: static int8 activations and per-channel int8 weights via torchao PT2E with
-    the X86 Inductor quantizer, calibrated on ``calibration`` (activation ranges from
-    ``observer``, see :func:`int8_config`); also returns the converted
-    graph module (for :func:`layer_report`). ``int8dyn``: torchao's dynamic int8
-    activation + int8 weight config on the Linear layers. ``fp16``/``bf16``: weights and
-    compute in half precision behind a float32 interface. Batch norms behind max-pools are
-    folded into their convolutions first (:func:`fold_bn_through_max_pools`)."""
+    the X86 Inductor quantizer (max-pools and the classifier left in float), calibrated on
+    ``calibration`` (activation ranges from ``observer``, see :func:`int8_config`); also
+    returns the converted graph module (for :func:`layer_report`). ``int8dyn``: torchao's
+    dynamic int8 activation + int8 weight config on the Linear layers. ``fp16``/``bf16``:
+    weights and compute in half precision behind a float32 interface. Batch norms behind
+    max-pools are folded into their convolutions first (:func:`fold_bn_through_max_pools`)."""
     check_quant_mode(mode)
     if len(calibration) == 0:
         raise InputError("calibration set is empty")
@@ -782,6 +789,12 @@ def quantize_model(
         captured = export_model(model, example).module()
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(int8_config(observer))
+        # Max-pools and the classifier stay float: at these sizes oneDNN's int8 max-pool and
+        # linear cost more per call than the float ops, which Inductor fuses with the
+        # (de)quantisation around them anyway. On resnet_s-struct0.5 this took compiled b=1
+        # from 0.56 to 0.48 ms and b=256 from 18.9 to 16.3 ms (docs/benchmarks.md).
+        quantizer.set_module_type_qconfig(nn.MaxPool2d, None)
+        quantizer.set_module_name_qconfig(classifier_name(model), None)
         prepared = prepare_pt2e(captured, quantizer)
         with torch.no_grad():
             for start in range(0, len(calibration), batch_size):
@@ -802,6 +815,17 @@ def quantize_model(
         quantize_(model, Int8DynamicActivationInt8WeightConfig())
         return export_model(model, example), None
     return export_model(CastTo(model, HALF_DTYPES[mode]), example), None
+
+
+def _stored_weight(tensor: torch.Tensor) -> dict[str, Any]:
+    """A stored weight's dtype, elements, non-zeros and density rho = non-zeros / total."""
+    nonzeros = int(torch.count_nonzero(tensor))
+    return {
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "numel": tensor.numel(),
+        "nonzeros": nonzeros,
+        "density": nonzeros / tensor.numel(),
+    }
 
 
 def layer_report(converted: torch.fx.GraphModule | None, program_module: nn.Module) -> Any:
@@ -825,16 +849,13 @@ def layer_report(converted: torch.fx.GraphModule | None, program_module: nn.Modu
                 weight.target
             ):
                 qweight, scale, zero = (tensors[a.target] for a in weight.args[:3])
-                nonzeros = int(torch.count_nonzero(qweight))
-                row |= {
-                    "dtype": str(qweight.dtype).removeprefix("torch."),
+                row |= _stored_weight(qweight) | {
                     "weight_scale_min": float(scale.min()),
                     "weight_scale_max": float(scale.max()),
                     "weight_zero_point": int(zero.abs().max()),
-                    "numel": qweight.numel(),
-                    "nonzeros": nonzeros,
-                    "density": nonzeros / qweight.numel(),
                 }
+            elif getattr(weight, "op", None) == "get_attr":  # a layer left in float
+                row |= _stored_weight(tensors[weight.target])
             if getattr(
                 activation, "op", None
             ) == "call_function" and "dequantize_per_tensor" in str(activation.target):
@@ -848,16 +869,11 @@ def layer_report(converted: torch.fx.GraphModule | None, program_module: nn.Modu
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
                 continue
-            data = _plain_tensor(weight)
             scale = getattr(weight, "scale", None)
-            nonzeros = int(torch.count_nonzero(data))
             row = {
                 "layer": name,
                 "op": {2: "linear", 4: "conv2d"}.get(weight.dim(), type(module).__name__.lower()),
-                "dtype": str(data.dtype).removeprefix("torch."),
-                "numel": data.numel(),
-                "nonzeros": nonzeros,
-                "density": nonzeros / data.numel(),
+                **_stored_weight(_plain_tensor(weight)),
             }
             if isinstance(scale, torch.Tensor):
                 row |= {

@@ -273,10 +273,17 @@ def test_int8_agrees_with_fp32_and_is_smaller(trained, tmp_path):
     assert not any(p.dtype == torch.float32 and p.dim() == 4 for p in converted.parameters())
     # Every BN folded into a conv: prepare_pt2e's conv-BN pairs and the post-pool ones.
     assert not [n for n in converted.graph.nodes if "batch_norm" in str(n.target)]
+    # Every convolution is int8; the classifier and the max-pools stay float.
+    classifier = fp32.get_submodule(compress.classifier_name(fp32))
     int8 = [b for b in program.module().buffers() if b.dtype == torch.int8]
     assert sum(b.numel() for b in int8) == sum(
-        m.weight.numel() for m, _ in compress.prunable_parameters(fp32)
+        m.weight.numel() for m, _ in compress.prunable_parameters(fp32) if m is not classifier
     )
+    pools = [n for n in converted.graph.nodes if n.target == torch.ops.aten.max_pool2d.default]
+    assert pools and all("dequantize" not in str(n.args[0].target) for n in pools)
+    report = compress.layer_report(converted, program.module())
+    assert list(report.loc[report["op"] == "linear", "dtype"]) == ["float32"]
+    assert set(report.loc[report["op"] == "conv2d", "dtype"]) == {"int8"}
 
     images, _ = load_split(data_dir, "test")
     x = to_input(images)
@@ -381,7 +388,9 @@ def test_sparse_and_int8_artifacts_evaluate_like_any_other(trained, tmp_path):
     )
     quantized = evaluate_model(tmp_path / "q.pt", data_dir, **fast)  # eager: reference graph
     assert quantized["quant"] == "int8" and quantized["artifact_format"] == "program"
-    assert quantized["params"] == total + sum(  # int8 weights + the fp32 biases/BN kept
+    # The int8 convolution weights, then every float parameter kept (biases, the classifier).
+    classifier = net.get_submodule(compress.classifier_name(net)).weight.numel()
+    assert quantized["params"] == total - classifier + sum(
         p.numel() for p in program.module().parameters()
     )
     assert abs(quantized["test_accuracy"] - sparse["test_accuracy"]) < 0.05
@@ -548,8 +557,10 @@ def test_rule_quantize(trained, tmp_path):
         "13.body.3",
         "16",
     ]
-    assert (layers["dtype"] == "int8").all() and (layers["weight_scale_min"] > 0).all()
-    assert layers["input_zero_point"].between(0, 255).all()
+    convs, classifier = layers.iloc[:-1], layers.iloc[-1]
+    assert (convs["dtype"] == "int8").all() and (convs["weight_scale_min"] > 0).all()
+    assert convs["input_zero_point"].between(0, 255).all()
+    assert classifier["dtype"] == "float32" and pd.isna(classifier["input_scale"])
     assert ((layers["density"] > 0) & (layers["density"] <= 1)).all()
 
 
