@@ -7,13 +7,16 @@ fine-tuned and quantised variants against the eager and the compiled fp32 model.
    (``--rerun-triggers mtime`` keeps them), so only the compression stages run.
 2. Re-times every variant in this one process, 1 thread: eager and ``torch.compile``
    (frozen Inductor graphs) at batch 1 and 256, the variants interleaved over ``--rounds``,
-   each figure the best round's median of ``--repeats``. The workflow's own evaluate jobs
-   run two at a time on a 2-core machine, so their latencies are noisier.
+   each figure the best round's median of ``--repeats``; with ``--aot`` also each
+   variant's AOTInductor package (``compress.compile_aot``: no Python per call), compared
+   with the fp32 model's package. The workflow's own evaluate jobs run two at a time on a
+   2-core machine, so their latencies are noisier.
 3. Prints the Pareto table (Markdown) with accuracy from the workflow's evaluation, and the
    goal check for ``--best`` (50 % channels + int8 after fine-tuning) against compiled fp32.
 
     .venv/bin/python bench/compress.py [--config config/config.yaml] [--rounds 3]
     .venv/bin/python bench/compress.py --skip-workflow   # re-time an earlier sweep only
+    .venv/bin/python bench/compress.py --skip-workflow --aot  # ... AOTInductor packages too
     .venv/bin/python bench/compress.py --sweep best --finetune-epochs 10 \\
         --workdir work/bench-compress-long               # the goal's variant, longer fine-tune
     .venv/bin/python bench/compress.py --sweep best --distill-weight 0.9 \\
@@ -39,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aihpc.compress import compile_for_cpu  # noqa: E402
+from aihpc.compress import compile_aot, compile_for_cpu  # noqa: E402
 from aihpc.config import QUANT_MODES, load_config  # noqa: E402
 from aihpc.evaluate import median_forward_ms  # noqa: E402
 from aihpc.models import load_artifact  # noqa: E402
@@ -109,16 +112,11 @@ def retime(
     repeats: int,
     threads: int,
     cpp: bool = False,
+    aot_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """Best-round median latency, eager and compiled, for every variant of the summary."""
+    """Best-round median latency, eager and compiled (and AOTInductor-compiled with
+    ``aot_dir`` for the packages), for every variant of the summary."""
     torch.set_num_threads(threads)
-    runners = {}
-    for variant in summary["variant"]:
-        model, record = load_artifact(results_dir / variant / "model.pt")
-        if record.get("format") != "program":
-            model = model.to(memory_format=torch.channels_last)
-        runners[variant] = {"eager": model, "compiled": compile_for_cpu(model, cpp_wrapper=cpp)}
-    shape = (1, 28, 28)
     first = load_artifact(results_dir / summary["variant"].iloc[0] / "model.pt")[1]["spec"]
     shape = (first["in_channels"], first["input_size"], first["input_size"])
     inputs = {
@@ -127,20 +125,33 @@ def retime(
         )
         for b in BATCHES
     }
+    runners = {}  # variant -> mode -> batch size -> callable
+    for variant in summary["variant"]:
+        model, record = load_artifact(results_dir / variant / "model.pt")
+        if record.get("format") != "program":
+            model = model.to(memory_format=torch.channels_last)
+        compiled = compile_for_cpu(model, cpp_wrapper=cpp)
+        runners[variant] = {"eager": dict.fromkeys(BATCHES, model)}
+        runners[variant]["compiled"] = dict.fromkeys(BATCHES, compiled)
+        if aot_dir is not None:  # one package per batch size
+            aot_dir.mkdir(parents=True, exist_ok=True)
+            runners[variant]["aot"] = {
+                b: compile_aot(model, x, aot_dir / f"{variant}-b{b}.pt2") for b, x in inputs.items()
+            }
     best: dict[tuple[str, str, int], float] = {}
     for round_ in range(rounds):
         for variant, modes in runners.items():
-            for mode, runner in modes.items():
+            for mode, by_batch in modes.items():
                 for b, x in inputs.items():
-                    ms = median_forward_ms(runner, x, warmup=3, repeats=repeats)
+                    ms = median_forward_ms(by_batch[b], x, warmup=3, repeats=repeats)
                     key = (variant, mode, b)
                     best[key] = min(best.get(key, float("inf")), ms)
         print(f"timing round {round_ + 1}/{rounds} done")
     rows = []
-    for variant in runners:
+    for variant, modes in runners.items():
         row = {"variant": variant}
         for b in BATCHES:
-            for mode in ("eager", "compiled"):
+            for mode in modes:
                 row[f"{mode}_b{b}"] = best[(variant, mode, b)]
             row[f"best_b{b}"] = min(row[f"eager_b{b}"], row[f"compiled_b{b}"])
         rows.append(row)
@@ -168,6 +179,9 @@ def table(summary: pd.DataFrame, timing: pd.DataFrame) -> pd.DataFrame:
         out[f"b{b} compiled ms"] = frame[f"compiled_b{b}"]
         out[f"b{b} x eager fp32"] = ref[f"eager_b{b}"] / frame[f"best_b{b}"]
         out[f"b{b} x compiled fp32"] = ref[f"compiled_b{b}"] / frame[f"best_b{b}"]
+        if f"aot_b{b}" in frame:  # both sides AOTInductor-compiled
+            out[f"b{b} AOT ms"] = frame[f"aot_b{b}"]
+            out[f"b{b} AOT x AOT fp32"] = ref[f"aot_b{b}"] / frame[f"aot_b{b}"]
     fronts = []
     for cost in ("best_b1", "best_b256", "size_bytes"):
         fronts.append(pareto_mask(frame[cost], frame["test_accuracy"]))
@@ -195,6 +209,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-workflow", action="store_true")
     parser.add_argument("--cpp-wrapper", action="store_true", help="Inductor's C++ wrapper")
+    parser.add_argument(
+        "--aot", action="store_true", help="also time AOTInductor packages (in WORKDIR/aot)"
+    )
     args = parser.parse_args()
 
     summary_csv = args.workdir / "results" / "summary.csv"
@@ -215,6 +232,7 @@ def main() -> None:
         args.repeats,
         args.threads,
         args.cpp_wrapper,
+        args.workdir / "aot" if args.aot else None,
     )
     result = table(summary, timing)
     cpu = cpu_info()
@@ -233,6 +251,11 @@ def main() -> None:
             ("≥ 4x faster at b=256 vs compiled fp32", row["b256 x compiled fp32"], 4.0),
             ("≥ 1.5x faster at b=1 vs compiled fp32", row["b1 x compiled fp32"], 1.5),
         ]
+        if args.aot:
+            checks += [
+                ("≥ 4x faster at b=256, both AOTInductor", row["b256 AOT x AOT fp32"], 4.0),
+                ("≥ 1.5x faster at b=1, both AOTInductor", row["b1 AOT x AOT fp32"], 1.5),
+            ]
         print(f"\ngoals for {args.best}:")
         for label, value, goal in checks:
             print(f"  {label}: {value:.2f}x {'met' if value >= goal else 'MISSED'}")

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,25 @@ def test_int8_agrees_with_fp32_and_is_smaller(trained, tmp_path):
     assert torch.export.load(io.BytesIO(raw)).module()(x[:2]).shape == (2, 10)
     dense_size = (trained / RESULTS / "resnet_s" / "model.pt").stat().st_size
     assert (tmp_path / "q.pt").stat().st_size < dense_size / 2
+
+
+def test_aot_packages_run_fp32_and_int8_kernels(tmp_path):
+    fp32, _ = random_model(widths=[8, 16, 16])
+    x = torch.rand(16, 1, 28, 28)
+    program, _ = quantize_model(fp32, "int8", x, observer="minmax")
+    int8 = program.module()
+    with torch.no_grad():
+        for name, model in [("fp32", fp32), ("int8", int8)]:
+            runner = compress.compile_aot(model, x[:4], tmp_path / f"{name}.pt2")
+            with zipfile.ZipFile(tmp_path / f"{name}.pt2") as package:
+                wrapper = [n for n in package.namelist() if n.endswith("wrapper.cpp")]
+                source = package.read(wrapper[0]).decode()
+            # int8: oneDNN's int8 convolution on prepacked weights, not float convolutions
+            # on weights dequantised in every call (what it compiles to with autograd on).
+            assert ("qconv" in source) == (name == "int8")
+            # the same kernels as torch.compile runs
+            expected = compile_for_cpu(model)(x[:4])
+            torch.testing.assert_close(runner(x[:4]), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
