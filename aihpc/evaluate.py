@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from aihpc.compress import count_macs, weight_counts
+from aihpc.compress import compile_aot, count_macs, weight_counts
 from aihpc.data import load_split, read_stats
 from aihpc.errors import InputError
 from aihpc.files import write_json
@@ -49,6 +50,7 @@ def evaluate_model(
     eval_batch_size: int = 1000,
     compile: bool = False,
     cpp_wrapper: bool = False,
+    aot: bool = False,
 ) -> dict[str, Any]:
     """Accuracy metrics, parameter counts, MACs, file size and CPU latency of one artifact.
 
@@ -57,7 +59,9 @@ def evaluate_model(
     programs run int8 kernels); ``latency_b<B>_ms`` is the faster of the two. With
     ``compile``, accuracy is scored by the compiled model in batches of the largest latency
     batch size (the last one zero-padded), so only the timed shapes are compiled;
-    ``cpp_wrapper`` compiles with Inductor's C++ wrapper."""
+    ``cpp_wrapper`` compiles with Inductor's C++ wrapper. ``aot`` also times an
+    AOTInductor package per batch size (:func:`aihpc.compress.compile_aot`, no Python per
+    call; ``latency_aot_b<B>_ms``), built in a temporary directory."""
     model_path, data_dir = Path(model_path), Path(data_dir)
     if repeats < 1 or warmup < 0 or eval_batch_size < 1:
         raise ValueError(
@@ -112,6 +116,18 @@ def evaluate_model(
         else {}
     )
     latencies = {b: min(eager[b], compiled.get(b, math.inf)) for b in eager}
+    aot_latencies, aot_compile_seconds = {}, None
+    if aot:
+        aot_compile_seconds = 0.0
+        with tempfile.TemporaryDirectory() as packages:
+            for batch in latency_batch_sizes:
+                example = to_input(np.zeros((batch, *image_shape), dtype=np.uint8))
+                started = time.perf_counter()
+                runner = compile_aot(model, example, Path(packages) / f"b{batch}.pt2")
+                aot_compile_seconds += time.perf_counter() - started
+                aot_latencies |= measure_latency(
+                    runner, image_shape, [batch], threads, warmup, repeats
+                )
     meta = record["meta"]
     height, width, channels = image_shape
     macs = meta.get("macs") if is_program else None
@@ -142,6 +158,9 @@ def evaluate_model(
         compiled=compile,
         cpp_wrapper=compile and cpp_wrapper,
         compile_seconds=compile_seconds,
+        **{f"latency_aot_b{b}_ms": ms for b, ms in aot_latencies.items()},
+        aot=aot,
+        aot_compile_seconds=aot_compile_seconds,
         **{f"throughput_b{largest}_per_s": largest / (latencies[largest] / 1000.0)},
         latency_threads=threads,
         cpu=cpu_info(),

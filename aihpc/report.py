@@ -84,7 +84,8 @@ def summarize(eval_jsons: Sequence[Path], out_csv: Path) -> pd.DataFrame:
 def add_baseline_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     """Each row against its model's uncompressed fp32 row (the one whose variant is the
     model's name): ``speedup_b<B>_vs_eager_fp32`` and ``speedup_b<B>_vs_compiled_fp32``
-    (baseline latency / this row's ``latency_b<B>_ms``), ``size_ratio_vs_fp32`` (times
+    (baseline latency / this row's ``latency_b<B>_ms``), ``speedup_b<B>_aot_vs_aot_fp32``
+    (AOTInductor packages on both sides), ``size_ratio_vs_fp32`` (times
     smaller on disk) and ``accuracy_delta_vs_fp32``. Rows without a baseline get NaN; a
     frame without eager/compiled latencies or baselines is returned unchanged."""
     if "model" not in frame or not (frame["variant"] == frame["model"]).any():
@@ -92,13 +93,17 @@ def add_baseline_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     base = frame[frame["variant"] == frame["model"]].set_index("model")
     ratios: dict[str, pd.Series] = {}
     for column in frame.columns:
-        match = re.fullmatch(r"latency_b(\d+)_ms", column)
-        for mode in ("eager", "compiled") if match else ():
-            reference = f"latency_{mode}_b{match[1]}_ms"
-            if reference in frame:
-                ratios[f"speedup_b{match[1]}_vs_{mode}_fp32"] = (
-                    frame["model"].map(base[reference]) / frame[column]
-                )
+        if match := re.fullmatch(r"latency_b(\d+)_ms", column):
+            for mode in ("eager", "compiled"):
+                reference = f"latency_{mode}_b{match[1]}_ms"
+                if reference in frame:
+                    ratios[f"speedup_b{match[1]}_vs_{mode}_fp32"] = (
+                        frame["model"].map(base[reference]) / frame[column]
+                    )
+        elif match := re.fullmatch(r"latency_aot_b(\d+)_ms", column):  # package vs package
+            ratios[f"speedup_b{match[1]}_aot_vs_aot_fp32"] = (
+                frame["model"].map(base[column]) / frame[column]
+            )
     if not ratios:
         return frame
     ratios["size_ratio_vs_fp32"] = frame["model"].map(base["size_bytes"]) / frame["size_bytes"]

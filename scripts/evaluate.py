@@ -21,4 +21,5 @@ with rule_log(snakemake.log[0]):
         repeats=settings["repeats"],
         compile=settings["compile"],
         cpp_wrapper=settings["cpp_wrapper"],
+        aot=settings["aot"],
     )

@@ -202,6 +202,30 @@ def test_evaluate_to_json_with_default_latency_feeds_summary(
     assert summary.loc[0, "acc.class 3"] == result["per_class_accuracy"]["class 3"]
 
 
+def test_aot_latencies_and_their_speedup_against_the_fp32_package(
+    tmp_path: Path, labels: np.ndarray
+) -> None:
+    stats = write_data(tmp_path / "data", labels)
+    jsons = []
+    for variant, widths in [("seed_cnn", (8, 16, 16)), ("seed_cnn-narrow", (4, 8, 8))]:
+        model, spec = tiny_model(stats, widths=widths, hidden=16)
+        path = save(model, spec, tmp_path / f"{variant}.pt", variant=variant)
+        jsons.append(tmp_path / f"{variant}.json")
+        result = evaluate_to_json(path, tmp_path / "data", jsons[-1], aot=True, warmup=1, repeats=2)
+        assert result["aot"] and result["aot_compile_seconds"] > 0
+        assert result["latency_aot_b1_ms"] > 0 and result["latency_aot_b256_ms"] > 0
+    summary = summarize(jsons, tmp_path / "summary.csv").set_index("variant")
+    for b in (1, 256):  # the summary's batch sizes
+        expected = (
+            summary.loc["seed_cnn", f"latency_aot_b{b}_ms"]
+            / summary.loc["seed_cnn-narrow", f"latency_aot_b{b}_ms"]
+        )
+        assert summary.loc["seed_cnn-narrow", f"speedup_b{b}_aot_vs_aot_fp32"] == pytest.approx(
+            expected
+        )
+        assert summary.loc["seed_cnn", f"speedup_b{b}_aot_vs_aot_fp32"] == 1
+
+
 @pytest.mark.parametrize(
     ("data_kwargs", "needle"),
     [
