@@ -149,6 +149,7 @@ class EvaluateConfig:
     latency_batch_sizes: tuple[int, ...] = (1, 256)
     compile: bool = True
     cpp_wrapper: bool = False
+    aot: bool = False
 
 
 def data_config(config: dict[str, Any]) -> DataConfig:
