@@ -972,6 +972,15 @@ def quantize_artifact(
 # --- compiled inference ----------------------------------------------------------------------
 
 
+def _folded_for_inference(model: nn.Module) -> nn.Module:
+    """An ``nn.Module`` (not an exported program's graph module) in eval mode with its batch
+    norms behind max-pools folded, as :func:`quantize_model` does, so that compiled fp32
+    and int8 models compare like for like; any other model as it is."""
+    if isinstance(model, torch.fx.GraphModule) or model.training:
+        return model
+    return fold_bn_through_max_pools(model)[0]
+
+
 def compile_for_cpu(model: nn.Module, *, cpp_wrapper: bool = False) -> nn.Module:
     """``torch.compile`` for CPU inference: Inductor with frozen weights (constant-folded,
     prepacked oneDNN kernels; what lowers PT2E int8 graphs to int8 kernels), one static
@@ -979,14 +988,12 @@ def compile_for_cpu(model: nn.Module, *, cpp_wrapper: bool = False) -> nn.Module
     recompile limit (every ``nn.Sequential`` shares one ``forward``), so it is raised;
     Inductor's on-disk FX graph cache makes later runs of the same graph cheap.
     ``cpp_wrapper`` generates the per-call wrapper in C++ instead of Python (less overhead
-    per call, which dominates small batches; slower to compile). An ``nn.Module`` (not an
-    exported program's graph module) in eval mode has its batch norms behind max-pools
-    folded first, as :func:`quantize_model` does, so fp32 and int8 compare like for like."""
+    per call, which dominates small batches; slower to compile). Batch norms behind
+    max-pools are folded first (:func:`_folded_for_inference`)."""
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    if not isinstance(model, torch.fx.GraphModule) and not model.training:
-        model, _ = fold_bn_through_max_pools(model)
+    model = _folded_for_inference(model)
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
@@ -1006,10 +1013,9 @@ def compile_aot(model: nn.Module, example: torch.Tensor, package: Path) -> Any:
     behind max-pools are folded first, as there."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    if not isinstance(model, torch.fx.GraphModule) and not model.training:
-        model, _ = fold_bn_through_max_pools(model)
+    model = _folded_for_inference(model)
     # A static batch: with a dynamic one, torch 2.13 compiles PT2E int8 graphs into
-    # packages whose outputs are wrong (10 % accuracy on Fashion-MNIST).
+    # packages whose outputs are wrong (9 % accuracy on Fashion-MNIST).
     program = export_model(model, example, dynamic_batch=False)
     # Freezing, and with it the int8 weight prepacking, runs only with autograd off.
     with torch.no_grad():
